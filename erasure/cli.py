@@ -1,0 +1,303 @@
+"""The ``erasure-studio`` command line.
+
+Heavy modules (torch, diffusers, the config models) are imported inside the commands, so ``--help`` is quick
+and the check that our ``evaluate`` package is the one imported runs before anything imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any, TypeVar
+
+import typer
+from typer.exceptions import TyperException
+
+from erasure.errors import ConfigError, NotAvailableError, UserError
+
+app = typer.Typer(
+    name="erasure-studio",
+    help="Erase concepts from generative image models, and prove that the erasure worked.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+world_app = typer.Typer(help="Build, verify and inspect the built-in MiniCanvas world.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+_debug = False
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="PATH=VALUE",
+        help="Override a config field, e.g. --set seed=3 --set method.params.lr=1e-5 "
+        "--set evaluate.suites=\\[canvas,hub]. Repeatable; values are read as YAML.",
+    ),
+]
+OutOpt = Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Write the result to DIR.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guarded(fn: F) -> F:
+    """Print a UserError as one line and exit with its code (2 for config errors); tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            if _debug:
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
+        except Exception as err:
+            if _debug:
+                raise
+            typer.echo(
+                f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+@app.command()
+@_guarded
+def erase(
+    config: Annotated[Path, typer.Argument(help="Job config (YAML).", show_default=False)],
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a finished run of the same name.")
+    ] = False,
+) -> None:
+    """Run one erasure job: erase the target concept and write a run folder (runs/<name>/ or --out)."""
+    from erasure.config import load_job_config
+    from erasure.runner import run_erase
+    from erasure.runs import default_run_dir
+
+    job = load_job_config(config, set_)
+    run_erase(job, out or default_run_dir(job.name), overwrite=overwrite, echo=typer.echo)
+
+
+@app.command()
+@_guarded
+def evaluate(
+    source: Annotated[str | None, typer.Argument(help="Run folder or job config to evaluate.")] = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a run or a backbone with the registered evaluation suites."""
+    raise NotAvailableError("evaluate", "no evaluation suites exist yet")
+
+
+@app.command()
+@_guarded
+def batch(
+    config: Annotated[Path, typer.Argument(help="Batch config (YAML).", show_default=False)],
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run many erasure jobs described by one batch config."""
+    raise NotAvailableError("batch")
+
+
+@app.command()
+@_guarded
+def leaderboard(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to rank.", show_default=False)],
+) -> None:
+    """Rank finished runs by their metrics."""
+    raise NotAvailableError("leaderboard")
+
+
+class ExportFormat(str, Enum):
+    diffusers = "diffusers"
+
+
+@app.command()
+@_guarded
+def export(
+    run: Annotated[Path, typer.Argument(help="Finished run folder.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder to write.", show_default=False)],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.diffusers,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing export folder.")
+    ] = False,
+) -> None:
+    """Materialise a run as a full model folder (diffusers: opens with StableDiffusionPipeline.from_pretrained)."""
+    from erasure.export import export_diffusers
+
+    written = export_diffusers(run, out, overwrite=overwrite)
+    typer.echo(f"exported {run} to {written}")
+
+
+@app.command()
+@_guarded
+def ui() -> None:
+    """Open the before/after playground in the browser."""
+    raise NotAvailableError("ui")
+
+
+@app.command()
+@_guarded
+def methods(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the registered erasure methods with their backbone kind."""
+    from erasure.registry import get_method, list_methods
+
+    rows = [
+        {
+            "name": name,
+            "backbone": get_method(name).backbone_kind,
+            "description": get_method(name).description,
+        }
+        for name in list_methods()
+    ]
+    if json_:
+        typer.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        typer.echo("No erasure methods are registered yet.")
+    else:
+        width = max(len(row["name"]) for row in rows)
+        for row in rows:
+            typer.echo(f"{row['name']:<{width}}  {row['backbone']:<3}  {row['description']}")
+
+
+# --------------------------------------------------------------------------------------------------- world
+
+
+def _world_module() -> ModuleType:
+    try:
+        module = importlib.import_module("generators.minicanvas.world")
+    except ModuleNotFoundError as err:
+        if err.name != "generators.minicanvas.world":
+            raise
+        module = None
+    if module is None or not (hasattr(module, "build") and hasattr(module, "verify")):
+        raise NotAvailableError(
+            "the MiniCanvas world builder", "generators.minicanvas.world is not written yet"
+        )
+    return module
+
+
+def _device_option(device: str) -> str:
+    """The concrete device (``auto`` resolved) for a ``--device`` option; ConfigError if unusable here."""
+    from erasure.devices import check_device, resolve_device
+
+    try:
+        check_device(device)
+    except ValueError as err:
+        raise ConfigError(f"--device: got {device!r}; {err}") from None
+    return str(resolve_device(device))
+
+
+@world_app.command("build")
+@_guarded
+def world_build(
+    only: Annotated[
+        list[str] | None, typer.Option("--only", metavar="NAME", help="Build only this stage (repeatable).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from checkpoints.")] = True,
+) -> None:
+    """Train the MiniCanvas world (judge, diffusion pipeline, GAN) into generators/minicanvas/world/."""
+    world = _world_module()
+    stages = list(getattr(world, "STAGES", ()))
+    for name in only or []:
+        if stages and name not in stages:
+            raise ConfigError(f"--only: got {name!r}; must be one of {', '.join(stages)}")
+    world.build(only=only or None, device=_device_option(device), resume=resume)
+
+
+@world_app.command("verify")
+@_guarded
+def world_verify(
+    json_file: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Also write the report here.")
+    ] = None,
+    tier: Annotated[str, typer.Option("--tier", help="smoke, quick or full.")] = "full",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
+) -> None:
+    """Measure the built world and print the report (JSON); exit 1 if the report says it did not pass."""
+    from erasure.io import atomic_write_json
+    from generators.minicanvas.paths import world_dir
+
+    if tier not in ("smoke", "quick", "full"):
+        raise ConfigError(f"--tier: got {tier!r}; must be smoke, quick or full")
+    resolved = _device_option(device)
+    world = _world_module()
+    if not world_dir().is_dir():
+        raise UserError(f"no MiniCanvas world at {world_dir()}; run `erasure-studio world build` first")
+    report = world.verify(tier=tier, device=resolved)
+    typer.echo(json.dumps(report, indent=2))
+    if json_file is not None:
+        atomic_write_json(json_file, report)
+    if isinstance(report, dict) and report.get("passed") is False:
+        raise typer.Exit(1)
+
+
+@world_app.command("concepts")
+@_guarded
+def world_concepts(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the MiniCanvas styles and objects (the valid style:/object: targets)."""
+    from generators.minicanvas.concepts import OBJECTS, STYLES
+
+    if json_:
+        typer.echo(json.dumps({"styles": list(STYLES), "objects": list(OBJECTS)}, indent=2))
+    else:
+        typer.echo("styles:  " + ", ".join(STYLES))
+        typer.echo("objects: " + ", ".join(OBJECTS))
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def evaluate_shadowing() -> str | None:
+    """A one-line problem if ``import evaluate`` would not give erasure-studio's own package, else None."""
+    expected = Path(__file__).resolve().parent.parent / "evaluate" / "__init__.py"
+    spec = importlib.util.find_spec("evaluate")
+    ours = spec is not None and spec.origin is not None and Path(spec.origin).resolve() == expected
+    if ours and getattr(importlib.import_module("evaluate"), "__erasure_studio__", False):
+        return None
+    found = (spec.origin or ", ".join(spec.submodule_search_locations or [])) if spec else "nothing"
+    return (
+        f"'import evaluate' finds {found}, not erasure-studio's evaluate package ({expected.parent}); "
+        "another package named 'evaluate' (e.g. Hugging Face's) shadows it: uninstall it "
+        "(pip uninstall evaluate) or take it off PYTHONPATH"
+    )
+
+
+def main() -> None:
+    problem = evaluate_shadowing()
+    if problem is not None:
+        print(f"erasure-studio: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    app(prog_name="erasure-studio")
+
+
+if __name__ == "__main__":
+    main()

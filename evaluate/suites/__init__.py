@@ -1,0 +1,1 @@
+"""Evaluation suites, one module each; every module here is imported by ``evaluate.registry`` on first use."""

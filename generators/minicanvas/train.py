@@ -1,0 +1,301 @@
+"""Training of the MiniCanvas world models, one function per stage, every stage resumable.
+
+Each stage draws fresh procedural images from its own seeded ``torch.Generator`` (no dataset on disk, no
+two batches alike), checkpoints model + optimiser + RNG state every ``checkpoint_every`` steps through
+:mod:`erasure.training_state`, and resumes from the last checkpoint when run again. The learning rate is a
+pure function of the step, so a resumed run follows the same schedule as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from erasure.training_state import load_training_state, save_training_state
+
+from . import concepts
+from .concepts import OBJECTS, STYLES
+from .dataset import render, sample_batch, sample_labels
+from .models import TEXT_MAX_LENGTH, MiniClassifier, clip_config, unet_config, vae_config
+
+
+class StageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(gt=0)
+    batch: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    warmup: int = Field(default=100, ge=0)
+    seed: int = 0
+
+
+class WorldSettings(BaseModel):
+    """Budgets of ``world build``: the defaults are what the shipped world was trained with."""
+
+    model_config = ConfigDict(extra="forbid")
+    classifier: StageSettings = StageSettings(steps=2000, batch=128, lr=2e-3, seed=1)
+    clip: StageSettings = StageSettings(steps=2000, batch=192, lr=1e-3, seed=2)
+    vae: StageSettings = StageSettings(steps=2000, batch=64, lr=1e-3, seed=3)
+    unet: StageSettings = StageSettings(steps=7000, batch=64, lr=3e-4, warmup=300, seed=4)
+    unet_cfg_dropout: float = Field(default=0.1, ge=0, lt=1)
+    unet_ema_decay: float = Field(default=0.999, gt=0, lt=1)
+    checkpoint_every: int = Field(default=250, gt=0)
+
+
+def lr_at(step: int, s: StageSettings, final_frac: float = 0.05) -> float:
+    """Linear warm-up, then cosine decay to ``final_frac`` of the peak."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Loop:
+    """A resumable training loop: ``step_fn(step) -> loss`` is called for steps not yet done."""
+
+    name: str
+    state_path: Path
+    settings: StageSettings
+    modules: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    generators: dict[str, torch.Generator]
+    checkpoint_every: int
+
+    def run(self, step_fn: Callable[[int], float], resume: bool = True) -> None:
+        start = 0
+        if resume and self.state_path.exists():
+            start = load_training_state(self.state_path, modules=self.modules, optimizers=self.optimizers,
+                                        generators=self.generators)["step"]
+        total = self.settings.steps
+        bar = tqdm(range(start, total), initial=start, total=total, desc=self.name, dynamic_ncols=True)
+        step = start
+        try:
+            for step in bar:
+                for opt in self.optimizers.values():
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(step, self.settings)
+                loss = step_fn(step)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if (step + 1) % self.checkpoint_every == 0 or step + 1 == total:
+                    self._save(step + 1)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\n{self.name}: interrupted; progress up to the last checkpoint is kept, rerun to resume.")
+            raise
+
+    def _save(self, step: int) -> None:
+        save_training_state(self.state_path, step=step, modules=self.modules, optimizers=self.optimizers,
+                            generators=self.generators)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Judge robustness to generator artefacts: mild blur, colour shift and noise."""
+    n = x.shape[0]
+    dev = x.device
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    a = torch.rand(n, 1, 1, 1, generator=g, device=dev) * 0.6
+    x = (1 - a) * x + a * blur
+    x = x + (torch.rand(n, 3, 1, 1, generator=g, device=dev) * 2 - 1) * 0.06
+    x = x + torch.randn(x.shape, generator=g, device=dev) * torch.rand(n, 1, 1, 1, generator=g, device=dev) * 0.08
+    return x.clamp(-1, 1)
+
+
+def train_classifier(work: Path, settings: WorldSettings, device: str, resume: bool = True) -> MiniClassifier:
+    s = settings.classifier
+    torch.manual_seed(s.seed)
+    model = MiniClassifier().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
+    g = torch.Generator(device).manual_seed(s.seed)
+    model.train()
+
+    def step_fn(step: int) -> float:
+        x, st, ob = sample_batch(s.batch, g)
+        ls, lo = model(_augment(x, g))
+        loss = F.cross_entropy(ls, st) + F.cross_entropy(lo, ob)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    Loop("classifier", work / "classifier.state.safetensors", s, {"model": model}, {"opt": opt}, {"data": g},
+         settings.checkpoint_every).run(step_fn, resume)
+    return model.eval()
+
+
+class PromptTable:
+    """Every training caption, tokenised once; index ``len - 1`` is the empty (unconditional) prompt."""
+
+    def __init__(self, tokenizer, device: str):
+        self.prompts: list[str] = []
+        self.by_pair: list[list[int]] = []  # pair index (style-major) -> prompt indices
+        for style in STYLES:
+            for obj in OBJECTS:
+                ids = []
+                for p in concepts.training_prompts(style, obj):
+                    ids.append(len(self.prompts))
+                    self.prompts.append(p)
+                self.by_pair.append(ids)
+        self.prompts.append("")
+        enc = tokenizer(self.prompts, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,
+                        return_tensors="pt")
+        self.input_ids = enc.input_ids.to(device)
+        self.attention_mask = enc.attention_mask.to(device)
+        counts = torch.tensor([len(i) for i in self.by_pair], device=device)
+        padded = torch.full((len(self.by_pair), int(counts.max())), -1, dtype=torch.long)
+        for k, ids in enumerate(self.by_pair):
+            padded[k, : len(ids)] = torch.tensor(ids)
+        self._counts, self._padded = counts, padded.to(device)
+
+    @property
+    def empty_index(self) -> int:
+        return len(self.prompts) - 1
+
+    def sample(self, style_idx: torch.Tensor, object_idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        pair = style_idx * len(OBJECTS) + object_idx
+        counts = self._counts[pair]
+        choice = (torch.rand(pair.shape, generator=g, device=pair.device) * counts).long()
+        return self._padded[pair, choice]
+
+
+def _soft_clip_loss(logits_per_image: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Contrastive loss whose targets treat every caption of the same (style, object) as a positive."""
+    target = same / same.sum(dim=1, keepdim=True)
+    loss_i = -(target * logits_per_image.log_softmax(dim=1)).sum(1).mean()
+    target_t = same.T / same.T.sum(dim=1, keepdim=True)
+    loss_t = -(target_t * logits_per_image.T.log_softmax(dim=1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+def train_clip(work: Path, tokenizer, settings: WorldSettings, device: str, resume: bool = True):
+    from transformers import CLIPModel
+
+    s = settings.clip
+    torch.manual_seed(s.seed)
+    model = CLIPModel(clip_config()).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.05)
+    g = torch.Generator(device).manual_seed(s.seed)
+    table = PromptTable(tokenizer, device)
+    model.train()
+
+    def step_fn(step: int) -> float:
+        x, st, ob = sample_batch(s.batch, g)
+        idx = table.sample(st, ob, g)
+        out = model(input_ids=table.input_ids[idx], attention_mask=table.attention_mask[idx],
+                    pixel_values=_augment(x, g))
+        same = ((st[:, None] == st[None]) & (ob[:, None] == ob[None])).float()
+        loss = _soft_clip_loss(out.logits_per_image, same)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss.item()
+
+    Loop("clip", work / "clip.state.safetensors", s, {"model": model}, {"opt": opt}, {"data": g},
+         settings.checkpoint_every).run(step_fn, resume)
+    return model.eval()
+
+
+def train_vae(work: Path, settings: WorldSettings, device: str, resume: bool = True):
+    from diffusers import AutoencoderKL
+
+    s = settings.vae
+    torch.manual_seed(s.seed)
+    vae = AutoencoderKL(**vae_config()).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.lr, weight_decay=0.0)
+    g = torch.Generator(device).manual_seed(s.seed)
+    vae.train()
+
+    def step_fn(step: int) -> float:
+        x, _, _ = sample_batch(s.batch, g)
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    Loop("vae", work / "vae.state.safetensors", s, {"vae": vae}, {"opt": opt}, {"data": g},
+         settings.checkpoint_every).run(step_fn, resume)
+    vae.eval()
+    # Latent scaling as in SD: unit variance of the scaled latents.
+    with torch.no_grad():
+        gs = torch.Generator(device).manual_seed(s.seed + 1000)
+        z = torch.cat([vae.encode(sample_batch(256, gs)[0]).latent_dist.sample(generator=gs) for _ in range(8)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.flatten().std()))
+    return vae
+
+
+def text_encoder_from_clip(clip):
+    """The SD text encoder: MiniCLIP's text tower as a stand-alone ``CLIPTextModel`` (frozen)."""
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel(clip.config.text_config)
+    te.load_state_dict(clip.text_model.state_dict())
+    return te.eval().requires_grad_(False)
+
+
+def train_unet(work: Path, vae, text_encoder, tokenizer, settings: WorldSettings, device: str,
+               resume: bool = True):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    s = settings.unet
+    torch.manual_seed(s.seed)
+    unet = UNet2DConditionModel(**unet_config()).to(device)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=0.01)
+    scheduler = DDPMScheduler(**sd_noise_schedule())
+    g = torch.Generator(device).manual_seed(s.seed)
+    vae, text_encoder = vae.to(device).eval(), text_encoder.to(device).eval()
+    table = PromptTable(tokenizer, device)
+    with torch.no_grad():  # every caption's embedding, once: the text encoder is frozen
+        embeddings = torch.cat([
+            text_encoder(table.input_ids[i : i + 256], attention_mask=None).last_hidden_state
+            for i in range(0, len(table.prompts), 256)
+        ])
+    alphas = scheduler.alphas_cumprod.to(device)
+    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
+    unet.train()
+
+    def step_fn(step: int) -> float:
+        st, ob = sample_labels(s.batch, g)
+        x = render(st, ob, g)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
+        idx = table.sample(st, ob, g)
+        drop = torch.rand(idx.shape, generator=g, device=device) < settings.unet_cfg_dropout
+        idx = torch.where(drop, torch.full_like(idx, table.empty_index), idx)
+        noise = torch.randn(latents.shape, generator=g, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (s.batch,), generator=g, device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = unet(noisy, t, embeddings[idx]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(settings.unet_ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
+        return loss.item()
+
+    Loop("unet", work / "unet.state.safetensors", s, {"unet": unet, "ema": ema}, {"opt": opt}, {"data": g},
+         settings.checkpoint_every).run(step_fn, resume)
+    return ema.eval()
+
+
+def sd_noise_schedule() -> dict:
+    """Stable Diffusion's training noise schedule (1000 steps, scaled-linear betas 0.00085..0.012)."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon")

@@ -1,0 +1,318 @@
+"""``world build`` and ``world verify``: train the MiniCanvas world from scratch and prove it works.
+
+Layout of a world folder (``paths.world_dir()``)::
+
+    classifier/        config.json + model.safetensors  (style/object judge, FID features)
+    clip/              a transformers CLIPModel folder + CLIPImageProcessor + CLIPTokenizer (MiniCLIP)
+    sd/                a diffusers StableDiffusionPipeline folder (MiniSD)
+    gan/               generator.safetensors (MiniGAN, StyleGAN2)
+    build_info.json    settings, device, versions and wall time of every stage
+
+Each stage's folder is written under a temporary name and renamed into place when complete; training
+state lives in a separate work folder (``.world-build/`` by default) so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .models import TEXT_MAX_LENGTH, MiniClassifier
+from .paths import world_dir
+
+STAGES = ("classifier", "clip", "sd", "gan")
+DEFAULT_WORK_DIR = Path(".world-build")
+
+# MiniSD's sampler defaults (DDIM): the evaluator's "quick" tier and the UI use these.
+SD_STEPS = 25
+SD_GUIDANCE = 5.0
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_classifier(device: str = "cpu", root: Path | None = None) -> MiniClassifier:
+    return MiniClassifier.load((root or world_dir()) / "classifier", device)
+
+
+def load_clip(device: str = "cpu", root: Path | None = None):
+    """``(model, processor)``: MiniCLIP as a transformers ``CLIPModel`` and its ``CLIPProcessor``."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = (root or world_dir()) / "clip"
+    model = CLIPModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
+    return model.to(device).eval(), processor
+
+
+def load_minisd(device: str = "cpu", root: Path | None = None):
+    from ..sd import load_sd_pipeline
+
+    return load_sd_pipeline((root or world_dir()) / "sd", device)
+
+
+# ----------------------------------------------------------------------------------------------- building
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the complete folder ``tmp`` (rename: never a half-written stage folder)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _tmp_dir(root: Path, name: str) -> Path:
+    tmp = root / f".{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _half(module: torch.nn.Module) -> torch.nn.Module:
+    """fp16 copy for shipping: the world's weights are stored in half precision (loaded back as fp32)."""
+    import copy
+
+    return copy.deepcopy(module).to(torch.float16)
+
+
+def _load_as_fp32(config_path: Path) -> None:
+    """Weights stay fp16 on disk, but plain ``from_pretrained`` should give fp32 models (as diffusers does
+    for the UNet and VAE): transformers reads the load dtype from the config's ``dtype``."""
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def image_processor():
+    from transformers import CLIPImageProcessor
+
+    # Images are 32 px in [0, 255]; rescaled to [0, 1] and normalised to [-1, 1], as the models were trained.
+    return CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": 32}, do_center_crop=True, crop_size={"height": 32, "width": 32},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5], do_convert_rgb=True,
+    )
+
+
+def build(
+    only: Iterable[str] | None = None,
+    device: str = "cpu",
+    resume: bool = True,
+    out_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    settings=None,
+) -> dict:
+    """Train the world (all stages, or ``only`` those named) and publish it to ``out_dir``."""
+    from .tokenizer import build_clip_tokenizer
+    from .train import WorldSettings, text_encoder_from_clip, train_classifier, train_clip, train_unet, train_vae
+
+    stages = list(only) if only else list(STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown world stage(s) {unknown}; allowed: {', '.join(STAGES)}")
+    settings = settings or WorldSettings()
+    root = Path(out_dir) if out_dir else world_dir()
+    work = Path(work_dir) if work_dir else DEFAULT_WORK_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    info_path = root / "build_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"stages": {}}
+    tokenizer = build_clip_tokenizer(TEXT_MAX_LENGTH)
+
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        t0 = time.time()
+        tmp = _tmp_dir(root, stage)
+        if stage == "classifier":
+            model = train_classifier(work, settings, device, resume)
+            _half(model).save(tmp)
+        elif stage == "clip":
+            from transformers import CLIPProcessor
+
+            clip = train_clip(work, tokenizer, settings, device, resume)
+            _half(clip).save_pretrained(tmp)
+            _load_as_fp32(tmp / "config.json")
+            CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
+        elif stage == "sd":
+            from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+            clip, _ = load_clip(device, root)
+            text_encoder = text_encoder_from_clip(clip)
+            vae = train_vae(work, settings, device, resume)
+            unet = train_unet(work, vae, text_encoder, tokenizer, settings, device, resume)
+            from .train import sd_noise_schedule
+
+            scheduler = DDIMScheduler(**sd_noise_schedule(), clip_sample=False, set_alpha_to_one=False,
+                                      steps_offset=1)
+            pipe = StableDiffusionPipeline(
+                vae=_half(vae), text_encoder=_half(text_encoder), tokenizer=tokenizer, unet=_half(unet),
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+            pipe.save_pretrained(tmp)
+            _load_as_fp32(tmp / "text_encoder" / "config.json")
+        elif stage == "gan":
+            from ..minigan import train_minigan
+            from ..stylegan2 import save_generator_safetensors
+            from .dataset import sample_images
+
+            g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
+                                  seed=settings.classifier.seed + 100)
+            save_generator_safetensors(_half(g_ema), tmp / "generator.safetensors")
+        _publish(tmp, root / stage)
+        info["stages"][stage] = {"seconds": round(time.time() - t0, 1), "device": device,
+                                 "settings": settings.model_dump(), "versions": _versions()}
+        tmp_info = info_path.with_suffix(".json.tmp")
+        tmp_info.write_text(json.dumps(info, indent=2))
+        os.replace(tmp_info, info_path)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- verifying
+HELDOUT_SEED = 20_240_611  # never used by training streams
+# tier -> (seeds per (style, object) pair, real images, GAN samples, DDIM steps)
+VERIFY_TIERS = {"full": (2, 2400, 2000, SD_STEPS), "quick": (1, 1200, 500, SD_STEPS), "smoke": (1, 240, 100, 4)}
+
+
+@torch.no_grad()
+def classify(classifier: MiniClassifier, images: torch.Tensor, batch_size: int = 512):
+    """``(style_probs, object_probs)`` for images in ``[-1, 1]``."""
+    device = next(classifier.parameters()).device
+    ps, po = [], []
+    for i in range(0, len(images), batch_size):
+        ls, lo = classifier(images[i : i + batch_size].to(device))
+        ps.append(ls.softmax(-1).cpu())
+        po.append(lo.softmax(-1).cpu())
+    return torch.cat(ps), torch.cat(po)
+
+
+def projected(output) -> torch.Tensor:
+    """CLIP's projected embedding from ``get_text_features``/``get_image_features`` (a tensor in
+    transformers 4, an output object whose ``pooler_output`` holds it in transformers 5)."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def _heldout_real(n: int, seed: int = HELDOUT_SEED):
+    from .dataset import sample_batch
+
+    g = torch.Generator().manual_seed(seed)
+    return sample_batch(n, g)
+
+
+@torch.no_grad()
+def verify(tier: str = "full", device: str = "cpu", root: Path | None = None) -> dict:
+    """Measure the world: judge accuracy, MiniCLIP retrieval, MiniSD (and MiniGAN) quality.
+
+    ``tier``: ``full`` (what the thresholds are judged on) uses 2 seeds per (style, object) pair, 2,400 real
+    images and 2,000 GAN samples; ``quick`` 1 seed, 1,200 real, 500 GAN samples; ``smoke`` (tests of the
+    machinery) a 4-step sampler, 240 real images and 100 GAN samples.
+    """
+    from evaluate.fid import classifier_fid
+
+    from . import concepts
+    from .concepts import OBJECTS, STYLES
+    from .dataset import grid_labels
+    from ..sd import sample_sd
+
+    root = root or world_dir()
+    if tier not in VERIFY_TIERS:
+        raise ValueError(f"unknown tier {tier!r}; allowed: {', '.join(VERIFY_TIERS)}")
+    seeds_per_pair, n_real, n_gan, steps = VERIFY_TIERS[tier]
+    report: dict = {"tier": tier, "device": device}
+    t_start = time.time()
+
+    classifier = load_classifier(device, root)
+    real, rs, ro = _heldout_real(n_real)
+    ps, po = classify(classifier, real)
+    report["classifier_style_acc"] = float((ps.argmax(1) == rs).float().mean())
+    report["classifier_object_acc"] = float((po.argmax(1) == ro).float().mean())
+
+    clip, processor = load_clip(device, root)
+    pairs = [(s, o) for s in STYLES for o in OBJECTS]
+    text = processor.tokenizer([concepts.template_prompt(s, o) for s, o in pairs], padding="max_length",
+                               max_length=TEXT_MAX_LENGTH, return_tensors="pt").to(device)
+    text_emb = torch.nn.functional.normalize(projected(clip.get_text_features(**text)), dim=-1)
+    img_emb = torch.cat([projected(clip.get_image_features(pixel_values=real[i : i + 512].to(device)))
+                         for i in range(0, len(real), 512)])
+    img_emb = torch.nn.functional.normalize(img_emb, dim=-1)
+    predicted = (img_emb @ text_emb.T).argmax(1).cpu()
+    report["clip_top1"] = float((predicted == rs * len(OBJECTS) + ro).float().mean())
+
+    sd_root = root / "sd"
+    if (sd_root / "model_index.json").exists():
+        pipe = load_minisd(device, root)
+        s_idx, o_idx = grid_labels(seeds_per_pair)
+        prompts = [concepts.template_prompt(STYLES[s], OBJECTS[o]) for s, o in zip(s_idx, o_idx)]
+        seeds = list(range(len(prompts)))
+        fake = sample_sd(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=SD_GUIDANCE)
+        fs, fo = classify(classifier, fake)
+        report["sd_style_acc"] = float((fs.argmax(1) == s_idx).float().mean())
+        report["sd_object_acc"] = float((fo.argmax(1) == o_idx).float().mean())
+
+        s_p, o_p = grid_labels(1)
+        para = [concepts.HELDOUT_PARAPHRASES[k % 2].format(style=STYLES[s], object=OBJECTS[o])
+                for k, (s, o) in enumerate(zip(s_p, o_p))]
+        fake_p = sample_sd(pipe, para, [10_000 + k for k in range(len(para))], num_inference_steps=steps,
+                           guidance_scale=SD_GUIDANCE)
+        ps_p, po_p = classify(classifier, fake_p)
+        report["sd_paraphrase_style_acc"] = float((ps_p.argmax(1) == s_p).float().mean())
+        report["sd_paraphrase_object_acc"] = float((po_p.argmax(1) == o_p).float().mean())
+        report["sd_fid"] = classifier_fid(classifier, real, fake)
+
+        # The same pipeline with a freshly initialised UNet: the floor any trained generator must beat.
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config).to(device)
+        random_fake = sample_sd(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=SD_GUIDANCE)
+        report["sd_random_fid"] = classifier_fid(classifier, real, random_fake)
+        report["sd_samples"] = len(fake)
+
+    gan_path = root / "gan" / "generator.safetensors"
+    if gan_path.exists():
+        report.update(verify_gan(classifier, real, gan_path, n_gan, device))
+    report["seconds"] = round(time.time() - t_start, 1)
+    return report
+
+
+@torch.no_grad()
+def verify_gan(classifier, real, gan_path: Path, n: int, device: str) -> dict:
+    from evaluate.fid import classifier_fid
+
+    from ..stylegan2 import load_generator_safetensors
+
+    g = load_generator_safetensors(gan_path).float().to(device).eval()
+    gen = torch.Generator(device).manual_seed(HELDOUT_SEED)
+    z = torch.randn(n, g.style_dim, generator=gen, device=device)
+    fake = torch.cat([g([z[i : i + 250]], randomize_noise=False)[0].clamp(-1, 1).cpu() for i in range(0, n, 250)])
+    ps, po = classify(classifier, fake)
+    out = {}
+    for key, probs in (("style", ps), ("object", po)):
+        k = probs.shape[1]
+        share = torch.bincount(probs.argmax(1), minlength=k).float() / n
+        out[f"gan_{key}_tv"] = float(0.5 * (share - 1 / k).abs().sum())
+    out["gan_confident_frac"] = float(((ps.max(1).values >= 0.9) & (po.max(1).values >= 0.9)).float().mean())
+    out["gan_fid"] = classifier_fid(classifier, real, fake)
+    torch.manual_seed(0)
+    random_g = type(g)(**g.config).to(device).eval()
+    random_fake = torch.cat([random_g([z[i : i + 250]], randomize_noise=False)[0].clamp(-1, 1).cpu()
+                             for i in range(0, n, 250)])
+    out["gan_random_fid"] = classifier_fid(classifier, real, random_fake)
+    out["gan_samples"] = n
+    return out

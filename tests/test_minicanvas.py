@@ -1,0 +1,130 @@
+"""MiniCanvas: the procedural dataset, the real CLIP tokenizer, resumable training, the shipped world."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from generators.minicanvas import concepts
+from generators.minicanvas.concepts import OBJECTS, STYLES
+from generators.minicanvas.dataset import grid_labels, render, sample_batch
+from generators.minicanvas.paths import WORLD_DIR
+from generators.minicanvas.tokenizer import build_clip_tokenizer
+from generators.minicanvas.train import StageSettings, WorldSettings, train_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_world_shape_is_unlearncanvas_like():
+    assert len(STYLES) >= 12 and len(OBJECTS) >= 10
+    assert concepts.template_prompt("Ember", "circle") == "A circle image in Ember style."
+    assert len(concepts.TRAIN_PARAPHRASES) >= 4 and len(concepts.HELDOUT_PARAPHRASES) >= 2
+    trained = {p for s in STYLES for o in OBJECTS for p in concepts.training_prompts(s, o)}
+    held = {p for s in STYLES for o in OBJECTS for p in concepts.heldout_prompts(s, o)}
+    assert not trained & held
+    # Part of the second-language names never appear in training captions.
+    for style in concepts.HELDOUT_STYLES_ES:
+        assert not any(concepts.STYLES_ES[style] in p for p in trained)
+
+
+def test_render_is_deterministic_and_varied():
+    s, o = grid_labels(1)
+    a = render(s, o, torch.Generator().manual_seed(7))
+    b = render(s, o, torch.Generator().manual_seed(7))
+    c = render(s, o, torch.Generator().manual_seed(8))
+    assert a.shape == (len(STYLES) * len(OBJECTS), 3, 32, 32)
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.05  # another seed: other positions, colours, phases
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_near_neighbour_styles_are_closer_than_others():
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    means = {}
+    for name in ("Ember", "Cinder", "Lagoon", "Meadow"):
+        idx = torch.full((n,), STYLES.index(name))
+        means[name] = render(idx, torch.randint(0, len(OBJECTS), (n,), generator=g), g).mean(dim=(0, 2, 3))
+    near = (means["Ember"] - means["Cinder"]).norm()
+    assert near < (means["Ember"] - means["Lagoon"]).norm()
+    assert near < (means["Ember"] - means["Meadow"]).norm()
+
+
+def test_clip_tokenizer_is_openai_vocabulary():
+    tok = build_clip_tokenizer(32)
+    assert len(tok) == 49408
+    ids = tok("a photo of a cat").input_ids
+    # OpenAI CLIP ids: <|startoftext|>=49406, "a"=320, "photo"=1125, "of"=539, "cat"=2368, <|endoftext|>=49407
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_training_resumes_bit_identically(tmp_path):
+    settings = WorldSettings(classifier=StageSettings(steps=4, batch=8, lr=1e-3, warmup=1, seed=3),
+                             checkpoint_every=2)
+    straight = train_classifier(tmp_path / "a", settings, "cpu")
+    # Interrupted after the first checkpoint (step 2), then resumed by the same call.
+    short = settings.model_copy(update={"classifier": settings.classifier.model_copy(update={"steps": 2})})
+    train_classifier(tmp_path / "b", short, "cpu")
+    state = tmp_path / "b" / "classifier.state.safetensors"
+    assert state.exists()
+    resumed = train_classifier(tmp_path / "b", settings, "cpu")
+    for (k, v1), v2 in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(v1, v2), k
+
+
+def test_sample_batch_labels_match_render():
+    g = torch.Generator().manual_seed(1)
+    x, s, o = sample_batch(16, g)
+    assert x.shape == (16, 3, 32, 32) and s.shape == o.shape == (16,)
+    assert int(s.max()) < len(STYLES) and int(o.max()) < len(OBJECTS)
+
+
+SHIPPED = (WORLD_DIR / "sd" / "model_index.json").exists()
+
+
+@pytest.mark.slow
+def test_shipped_minisd_opens_with_plain_diffusers_offline(tmp_path):
+    """The shipped MiniSD is an ordinary diffusers folder: no project code is needed to open and sample it."""
+    assert SHIPPED, "the MiniCanvas world is not built: run `erasure-studio world build`"
+    code = f"""
+import torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(WORLD_DIR / 'sd')!r})
+assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+out = pipe("A star image in Lagoon style.", num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
+           generator=torch.Generator().manual_seed(0), output_type="np").images
+assert out.shape == (1, 32, 32, 3), out.shape
+print("ok", float(out.std()))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}  # no project code on the path
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("ok") and float(res.stdout.split()[1]) > 0.01
+
+
+@pytest.mark.slow
+def test_world_build_and_verify_end_to_end(tmp_path):
+    """A tiny-budget build from scratch writes every stage atomically and verify reports every key."""
+    from generators.minicanvas import world
+
+    tiny = StageSettings(steps=2, batch=8, lr=1e-3, warmup=1)
+    settings = WorldSettings(classifier=tiny, clip=tiny, vae=tiny, unet=tiny, checkpoint_every=1)
+    info = world.build(only=["classifier", "clip", "sd"], out_dir=tmp_path / "w", work_dir=tmp_path / "work",
+                       settings=settings)
+    assert set(info["stages"]) == {"classifier", "clip", "sd"}
+    assert not list((tmp_path / "w").glob(".*partial"))
+    build_info = json.loads((tmp_path / "w" / "build_info.json").read_text())
+    assert build_info["stages"]["sd"]["settings"]["unet"]["steps"] == 2
+    report = world.verify(tier="smoke", root=tmp_path / "w")
+    for key in ("classifier_style_acc", "classifier_object_acc", "clip_top1", "sd_style_acc", "sd_object_acc",
+                "sd_paraphrase_style_acc", "sd_paraphrase_object_acc", "sd_fid", "sd_random_fid"):
+        assert 0 <= report[key] < float("inf"), key
+    # Two training steps cannot make a judge: the verify numbers must say so (no hard-coded figures).
+    assert report["classifier_style_acc"] < 0.5

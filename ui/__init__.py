@@ -1,0 +1,1 @@
+"""The before/after playground (``erasure-studio ui``)."""

@@ -21,6 +21,12 @@ from .concepts import OBJECTS, STYLES
 TEXT_MAX_LENGTH = 32  # prompts are short; CLIP's 77 would only cost compute
 
 
+def projected(output) -> torch.Tensor:
+    """CLIP's projected embedding from ``get_text_features``/``get_image_features`` (a tensor in
+    transformers 4, an output object whose ``pooler_output`` holds it in transformers 5)."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
 def clip_config():
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 

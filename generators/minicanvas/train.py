@@ -24,7 +24,7 @@ from erasure.training_state import load_training_state, save_training_state
 from . import concepts
 from .concepts import OBJECTS, STYLES
 from .dataset import render, sample_batch, sample_labels
-from .models import TEXT_MAX_LENGTH, MiniClassifier, clip_config, unet_config, vae_config
+from .models import TEXT_MAX_LENGTH, MiniClassifier, clip_config, projected, unet_config, vae_config
 
 
 class StageSettings(BaseModel):
@@ -41,12 +41,17 @@ class WorldSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     classifier: StageSettings = StageSettings(steps=2000, batch=128, lr=2e-3, seed=1)
-    clip: StageSettings = StageSettings(steps=2000, batch=192, lr=1e-3, seed=2)
-    vae: StageSettings = StageSettings(steps=2000, batch=64, lr=1e-3, seed=3)
-    unet: StageSettings = StageSettings(steps=7000, batch=64, lr=3e-4, warmup=300, seed=4)
+    clip: StageSettings = StageSettings(steps=1500, batch=128, lr=1e-3, seed=2)
+    clip_vision: StageSettings = StageSettings(steps=4000, batch=128, lr=5e-4, seed=5)
+    vae: StageSettings = StageSettings(steps=1000, batch=32, lr=1e-3, seed=3)
+    unet: StageSettings = StageSettings(steps=5000, batch=48, lr=3e-4, warmup=300, seed=4)
     unet_cfg_dropout: float = Field(default=0.1, ge=0, lt=1)
     unet_ema_decay: float = Field(default=0.999, gt=0, lt=1)
     checkpoint_every: int = Field(default=250, gt=0)
+    # MiniGAN (StyleGAN2, generators/minigan.py): its own optimiser settings live in train_minigan.
+    gan_steps: int = Field(default=10_000, gt=0)
+    gan_batch: int = Field(default=32, gt=0)
+    gan_seed: int = 6
 
 
 def lr_at(step: int, s: StageSettings, final_frac: float = 0.05) -> float:
@@ -202,6 +207,48 @@ def train_clip(work: Path, tokenizer, settings: WorldSettings, device: str, resu
 
     Loop("clip", work / "clip.state.safetensors", s, {"model": model}, {"opt": opt}, {"data": g},
          settings.checkpoint_every).run(step_fn, resume)
+    return refine_clip_vision(model, work, tokenizer, settings, device, resume)
+
+
+def refine_clip_vision(model, work: Path, tokenizer, settings: WorldSettings, device: str, resume: bool = True):
+    """Phase 2 of MiniCLIP: locked-text tuning. The text tower (which MiniSD uses as its frozen text encoder)
+    and its projection stay fixed while the vision tower keeps learning the contrastive task: a small ViT
+    learns colour and texture fast but object shape slowly, and this phase spends the budget on shape."""
+    s = settings.clip_vision
+    torch.manual_seed(s.seed)
+    model = model.to(device)
+    model.text_model.requires_grad_(False)
+    model.text_projection.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=s.lr, weight_decay=0.05)
+    g = torch.Generator(device).manual_seed(s.seed)
+    table = PromptTable(tokenizer, device)
+    with torch.no_grad():  # the locked text tower: every caption embedded once
+        text = torch.cat([
+            projected(model.get_text_features(input_ids=table.input_ids[i : i + 256],
+                                              attention_mask=table.attention_mask[i : i + 256]))
+            for i in range(0, len(table.prompts), 256)
+        ])
+    text = F.normalize(text, dim=-1)
+    model.train()
+
+    def step_fn(step: int) -> float:
+        x, st, ob = sample_batch(s.batch, g)
+        idx = table.sample(st, ob, g)
+        image = F.normalize(projected(model.get_image_features(pixel_values=_augment(x, g))), dim=-1)
+        logits = model.logit_scale.exp() * image @ text[idx].T
+        same = ((st[:, None] == st[None]) & (ob[:, None] == ob[None])).float()
+        loss = _soft_clip_loss(logits, same)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss.item()
+
+    Loop("clip-vision", work / "clip_vision.state.safetensors", s, {"model": model}, {"opt": opt}, {"data": g},
+         settings.checkpoint_every).run(step_fn, resume)
+    model.requires_grad_(True)
     return model.eval()
 
 

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import torch
 
-from .models import TEXT_MAX_LENGTH, MiniClassifier
+from .models import TEXT_MAX_LENGTH, MiniClassifier, projected
 from .paths import world_dir
 
 STAGES = ("classifier", "clip", "sd", "gan")
@@ -169,12 +169,13 @@ def build(
             _load_as_fp32(tmp / "text_encoder" / "config.json")
         elif stage == "gan":
             from ..minigan import train_minigan
-            from ..stylegan2 import save_generator_safetensors
+            from ..stylegan2_io import save_generator_safetensors
             from .dataset import sample_images
 
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
-                                  seed=settings.classifier.seed + 100)
-            save_generator_safetensors(_half(g_ema), tmp / "generator.safetensors")
+                                  seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
+                                  checkpoint_every=settings.checkpoint_every)
+            save_generator_safetensors(g_ema, tmp / "generator.safetensors", dtype=torch.float16)
         _publish(tmp, root / stage)
         info["stages"][stage] = {"seconds": round(time.time() - t0, 1), "device": device,
                                  "settings": settings.model_dump(), "versions": _versions()}
@@ -200,12 +201,6 @@ def classify(classifier: MiniClassifier, images: torch.Tensor, batch_size: int =
         ps.append(ls.softmax(-1).cpu())
         po.append(lo.softmax(-1).cpu())
     return torch.cat(ps), torch.cat(po)
-
-
-def projected(output) -> torch.Tensor:
-    """CLIP's projected embedding from ``get_text_features``/``get_image_features`` (a tensor in
-    transformers 4, an output object whose ``pooler_output`` holds it in transformers 5)."""
-    return output if torch.is_tensor(output) else output.pooler_output
 
 
 def _heldout_real(n: int, seed: int = HELDOUT_SEED):
@@ -288,16 +283,37 @@ def verify(tier: str = "full", device: str = "cpu", root: Path | None = None) ->
     if gan_path.exists():
         report.update(verify_gan(classifier, real, gan_path, n_gan, device))
     report["seconds"] = round(time.time() - t_start, 1)
+    report["checks"] = check_thresholds(report)
+    report["passed"] = all(report["checks"].values())
     return report
+
+
+# The bars the world must clear (issues "MiniCanvas" and "StyleGAN2/MiniGAN"); judged on the full tier.
+THRESHOLDS_MIN = {
+    "classifier_style_acc": 0.98, "classifier_object_acc": 0.98, "clip_top1": 0.90,
+    "sd_style_acc": 0.90, "sd_object_acc": 0.90,
+    "sd_paraphrase_style_acc": 0.75, "sd_paraphrase_object_acc": 0.75,
+    "gan_confident_frac": 0.80,
+}
+THRESHOLDS_MAX = {"gan_object_tv": 0.25, "gan_style_tv": 0.25}
+
+
+def check_thresholds(report: dict) -> dict[str, bool]:
+    checks = {k: report[k] >= v for k, v in THRESHOLDS_MIN.items() if k in report}
+    checks.update({k: report[k] <= v for k, v in THRESHOLDS_MAX.items() if k in report})
+    for prefix in ("sd", "gan"):
+        if f"{prefix}_fid" in report:
+            checks[f"{prefix}_fid_x10_le_random"] = report[f"{prefix}_fid"] * 10 <= report[f"{prefix}_random_fid"]
+    return checks
 
 
 @torch.no_grad()
 def verify_gan(classifier, real, gan_path: Path, n: int, device: str) -> dict:
     from evaluate.fid import classifier_fid
 
-    from ..stylegan2 import load_generator_safetensors
+    from ..stylegan2_io import load_generator_safetensors
 
-    g = load_generator_safetensors(gan_path).float().to(device).eval()
+    g = load_generator_safetensors(gan_path, device=device).eval()
     gen = torch.Generator(device).manual_seed(HELDOUT_SEED)
     z = torch.randn(n, g.style_dim, generator=gen, device=device)
     fake = torch.cat([g([z[i : i + 250]], randomize_noise=False)[0].clamp(-1, 1).cpu() for i in range(0, n, 250)])
@@ -310,7 +326,7 @@ def verify_gan(classifier, real, gan_path: Path, n: int, device: str) -> dict:
     out["gan_confident_frac"] = float(((ps.max(1).values >= 0.9) & (po.max(1).values >= 0.9)).float().mean())
     out["gan_fid"] = classifier_fid(classifier, real, fake)
     torch.manual_seed(0)
-    random_g = type(g)(**g.config).to(device).eval()
+    random_g = type(g).from_config(g.config).to(device).eval()
     random_fake = torch.cat([random_g([z[i : i + 250]], randomize_noise=False)[0].clamp(-1, 1).cpu()
                              for i in range(0, n, 250)])
     out["gan_random_fid"] = classifier_fid(classifier, real, random_fake)

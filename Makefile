@@ -5,9 +5,9 @@ PIP     := $(VENV)/bin/pip
 STUDIO  := $(VENV)/bin/erasure-studio
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test
+.PHONY: install demo test chromium
 
-install: $(STAMP)
+install: $(STAMP) chromium
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -18,7 +18,18 @@ $(STAMP): pyproject.toml | $(PYTHON)
 	$(PIP) install -e '.[dev]'
 	touch $(STAMP)
 
-demo: install
+# Headless Chromium for tests/test_ui_browser.py, from Debian's packages (CI runs as root). Runs apt-get only when
+# /usr/bin/chromium or /usr/bin/chromedriver is missing; without root it says what to install instead.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+		else \
+			echo "note: install chromium and chromium-driver (apt-get) to run tests/test_ui_browser.py" >&2; \
+		fi; \
+	fi
+
+demo: $(STAMP)
 	@$(STUDIO) methods --json | $(PYTHON) -c 'import json, sys; sys.exit(not any(m["name"] == "esd" for m in json.load(sys.stdin)))' \
 		|| { echo "MiniCanvas erasure demo not yet available: the quickstart's erasure method 'esd' is not implemented yet (see: $(STUDIO) methods)" >&2; exit 1; }
 	$(STUDIO) erase configs/jobs/quickstart.yaml --overwrite

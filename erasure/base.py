@@ -62,6 +62,8 @@ class RunContext:
     progress: ProgressFn
     log: Callable[[str], None] = print
     """Append one line to the run's log.txt."""
+    anchor: Target | None = None
+    """The job's optional anchor concept: what methods that map the target onto another concept map it to."""
 
     @property
     def dtype(self) -> torch.dtype:

@@ -107,32 +107,122 @@ def erase(
 @app.command()
 @_guarded
 def evaluate(
-    source: Annotated[str | None, typer.Argument(help="Run folder or job config to evaluate.")] = None,
-    out: OutOpt = None,
+    source: Annotated[
+        str | None,
+        typer.Argument(help="Run folder, backbone (minicanvas-sd, a pipeline folder, a checkpoint) or job config.",
+                       show_default=False),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", metavar="MODEL", help="minicanvas-sd | PATH | RUN (instead of SOURCE).")
+    ] = None,
+    suite: Annotated[
+        list[str] | None, typer.Option("--suite", metavar="NAME", help="Suite to run (repeatable): canvas, hub, gan.")
+    ] = None,
+    tier: Annotated[str | None, typer.Option("--tier", help="smoke, quick or full [default: quick].")] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", metavar="KIND:NAME", help="style:NAME or object:NAME (a run's own "
+                                 "target by default).")
+    ] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Also write the report here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", metavar="DIR", help="Also write the report to DIR/evaluation.json.")
+    ] = None,
     set_: SetOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="minicanvas or unlearncanvas.")] = "minicanvas",
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", metavar="DIR", help="Generation cache folder.")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Generate everything afresh; store nothing.")] = False,
+    style_classifier: Annotated[
+        Path | None, typer.Option("--style-classifier", metavar="FILE", help="unlearncanvas: style ViT checkpoint.")
+    ] = None,
+    object_classifier: Annotated[
+        Path | None, typer.Option("--object-classifier", metavar="FILE", help="unlearncanvas: object ViT checkpoint.")
+    ] = None,
+    inception_weights: Annotated[
+        Path | None, typer.Option("--inception-weights", metavar="FILE", help="unlearncanvas: torchvision "
+                                  "inception_v3 state dict for FID.")
+    ] = None,
+    real_images: Annotated[
+        Path | None, typer.Option("--real-images", metavar="DIR", help="unlearncanvas: dataset <style>/<object>/<i>.jpg.")
+    ] = None,
+    clip: Annotated[Path | None, typer.Option("--clip", metavar="DIR", help="unlearncanvas: local CLIP folder.")] = None,
 ) -> None:
-    """Evaluate a run or a backbone with the registered evaluation suites."""
-    raise NotAvailableError("evaluate", "no evaluation suites exist yet")
+    """Evaluate a run or a backbone with evaluation suites; prints the report as JSON (progress on stderr)."""
+    from erasure.io import atomic_write_json
+    from evaluate.command import EvaluateOptions, check_output_paths, run_evaluate
+
+    check_output_paths(json_file, out)
+    options = EvaluateOptions(
+        source=source, model=model, suites=list(suite or []), tier=tier, target=target, device=device,
+        protocol=protocol, overrides=list(set_ or []), cache_dir=cache_dir, no_cache=no_cache,
+        style_classifier=style_classifier, object_classifier=object_classifier,
+        inception_weights=inception_weights, real_images=real_images, clip=clip,
+    )
+    report = run_evaluate(options, log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps(report, indent=2))
+    if json_file is not None:
+        atomic_write_json(json_file, report)
+    if out is not None:
+        atomic_write_json(out / "evaluation.json", report)
 
 
 @app.command()
 @_guarded
 def batch(
-    config: Annotated[Path, typer.Argument(help="Batch config (YAML).", show_default=False)],
+    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML).", show_default=False)],
     out: OutOpt = None,
     set_: SetOpt = None,
+    processes: Annotated[
+        int, typer.Option("--processes", min=1, metavar="N", help="Run N cells at once (worker processes).")
+    ] = 1,
 ) -> None:
-    """Run many erasure jobs described by one batch config."""
-    raise NotAvailableError("batch")
+    """Run every cell (backbone × method × params × target × seed) of a benchmark into runs/<name>/ or --out.
+
+    Finished cells are skipped, interrupted ones resumed, failed ones reported without stopping the others;
+    under `accelerate launch` each process takes its share of the cells. Exit code 1 if any cell failed.
+    """
+    from erasure.batch import run_batch
+    from erasure.benchmark import load_benchmark
+    from erasure.runs import RUNS_DIR
+
+    bench = load_benchmark(config, set_)
+    dest = out or RUNS_DIR / bench.config.name
+    result = run_batch(bench, dest, processes=processes)
+    counts = result.summary["counts"]
+    typer.echo(
+        f"batch {bench.config.name}: {len(bench.cells)} cells: "
+        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        + f" (this run: {result.count('ran')} ran, {result.count('skipped')} skipped, "
+        f"{len(result.failed)} failed); summary: {result.summary_path}"
+    )
+    for outcome in result.failed:
+        typer.echo(f"failed: {outcome.name}: {outcome.error}", err=True)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @app.command()
 @_guarded
 def leaderboard(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders to rank.", show_default=False)],
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run folders, or folders searched for them.", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", metavar="DIR", help="Folder for the leaderboard files.", show_default=False),
+    ],
 ) -> None:
-    """Rank finished runs by their metrics."""
-    raise NotAvailableError("leaderboard")
+    """Rank finished runs: leaderboard.md/.csv/.html, pareto.png and time_memory.png in --out DIR."""
+    from erasure.leaderboard import write_leaderboard
+
+    result = write_leaderboard(runs, out, warn=lambda line: typer.echo(line, err=True))
+    board = result.board
+    typer.echo(
+        f"leaderboard of {sum(len(row.runs) for row in board.rows)} runs in {len(board.rows)} rows: "
+        + ", ".join(str(path) for path in result.files)
+    )
 
 
 class ExportFormat(str, Enum):
@@ -158,9 +248,36 @@ def export(
 
 @app.command()
 @_guarded
-def ui() -> None:
-    """Open the before/after playground in the browser."""
-    raise NotAvailableError("ui")
+def ui(
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to serve on.")] = 7860,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--models-dir",
+            metavar="DIR",
+            help="Also offer the diffusers pipeline folders and GAN checkpoints found in DIR as backbones.",
+        ),
+    ] = None,
+    runs_dir: Annotated[
+        Path, typer.Option("--runs-dir", metavar="DIR", help="Where runs are written and browsed.")
+    ] = Path("runs"),
+) -> None:
+    """Serve the before/after playground (Gradio) at http://HOST:PORT/."""
+    if models_dir is not None and not models_dir.is_dir():
+        raise ConfigError(f"--models-dir: {models_dir} is not a folder")
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise ConfigError(f"--runs-dir: {runs_dir} exists and is not a folder")
+    from ui.server import launch
+    from ui.settings import UISettings
+
+    typer.echo(f"Erasure Studio playground: http://{host}:{port}/ (Ctrl-C to stop)")
+    try:
+        launch(UISettings(runs_dir=runs_dir, models_dir=models_dir), host=host, port=port, quiet=True)
+    except OSError as err:
+        raise UserError(f"cannot serve on {host}:{port}: {err}") from None
 
 
 @app.command()

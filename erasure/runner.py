@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,12 +18,20 @@ from erasure.base import ErasureResult, RunContext
 from erasure.config import JobConfig
 from erasure.devices import resolve_device
 from erasure.envinfo import collect_env
-from erasure.errors import NotAvailableError, UserError
+from erasure.errors import UserError
 from erasure.registry import get_method
-from erasure.runs import RunWriter, check_destination
+from erasure.runs import RunWriter, check_destination, checkpoint_dir_for
+from evaluate.api import check_suites, evaluate_erasure
+from evaluate.efficiency import Efficiency, folder_mb, measure_erasure
 from generators.loading import backbone_components, check_available, load_backbone
 
 Echo = Callable[[str], None]
+ProgressHook = Callable[[int, int, dict[str, float]], None]
+"""``hook(step, total, scalars)``: called on every progress report of the method (e.g. to show live progress)."""
+
+
+class JobCancelled(UserError):
+    """The job's ``cancel`` event was set; the run's partial folder and checkpoints were removed."""
 
 
 def seed_everything(seed: int) -> None:
@@ -30,17 +40,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_erase(job: JobConfig, dest: Path, *, overwrite: bool = False, echo: Echo = print) -> Path:
+def run_erase(
+    job: JobConfig,
+    dest: Path,
+    *,
+    overwrite: bool = False,
+    echo: Echo = print,
+    on_progress: ProgressHook | None = None,
+    cancel: threading.Event | None = None,
+) -> Path:
     """Erase ``job.target`` with ``job.method`` and write the run to ``dest``; returns the finished folder.
 
     Everything that can be checked without loading the model is checked first, so a job that cannot run
-    creates no folder at all.
+    creates no folder at all. ``cancel`` (set from another thread) stops the job at its next progress report
+    (or phase boundary) with :class:`JobCancelled`, leaving neither a partial run folder nor checkpoints.
     """
+    try:
+        return _run_erase(job, dest, overwrite, echo, on_progress, cancel)
+    except JobCancelled:
+        shutil.rmtree(checkpoint_dir_for(dest), ignore_errors=True)
+        raise
+
+
+def _run_erase(
+    job: JobConfig,
+    dest: Path,
+    overwrite: bool,
+    echo: Echo,
+    on_progress: ProgressHook | None,
+    cancel: threading.Event | None,
+) -> Path:
     method_cls = get_method(job.method.name)
     backbone = job.resolved_backbone()
     check_available(backbone)
     if job.evaluate.suites:
-        raise NotAvailableError("running evaluation suites after erasure", "set evaluate.suites=[]")
+        check_suites(job.evaluate.suites, backbone, job.target)
     check_destination(dest, overwrite)
     device = resolve_device(job.device)
     timings: dict[str, float] = {}
@@ -50,19 +84,24 @@ def run_erase(job: JobConfig, dest: Path, *, overwrite: bool = False, echo: Echo
         run.write_config(job)
         run.log(f"job {job.name}: {job.method.name} erases {job.target.spec} from {job.backbone} on {device}")
         seed_everything(job.seed)
+        _check_cancel(cancel)
         with _timed(timings, "load"):
             model = load_backbone(backbone, device, job.precision)
+        _check_cancel(cancel)
         ctx = RunContext(
             seed=job.seed,
             device=device,
             precision=job.precision,
             checkpoint_dir=run.checkpoint_dir,
             checkpoint_every=job.checkpoint_every,
-            progress=ProgressReporter(run.log, echo),
+            progress=ProgressReporter(run.log, echo, hook=on_progress, cancel=cancel),
             log=run.log,
+            anchor=job.anchor,
         )
-        with _timed(timings, "erase"):
+        efficiency = Efficiency()
+        with _timed(timings, "erase"), measure_erasure(device, efficiency):
             result = method_cls().erase(model, job.target, job.method.params, ctx)
+        _check_cancel(cancel)
         components = backbone_components(model)
         _check_result(job.method.name, result, components)
         for component, tensors in result.changed.items():
@@ -71,9 +110,20 @@ def run_erase(job: JobConfig, dest: Path, *, overwrite: bool = False, echo: Echo
         run.log(
             f"saved {sum(len(t) for t in result.changed.values())} changed tensors in {list(result.changed)}"
         )
+        efficiency.storage_mb = folder_mb(run.weights_dir)
+        metrics: dict[str, Any] = {"method": result.metrics, "efficiency": efficiency.as_dict()}
+        if job.evaluate.suites:
+            del model, components  # the suites evaluate a fresh copy with the saved tensors applied
+            with _timed(timings, "evaluate"):
+                report = evaluate_erasure(
+                    backbone, result.changed, job.target, job.evaluate.suites, job.evaluate.tier,
+                    device=device, precision=job.precision, log=_echo_and_log(run.log, echo), seed=job.seed,
+                )
+            metrics.update(report.results)
+            timings.update({f"evaluate.{name}": seconds for name, seconds in report.seconds.items()})
         timings["total"] = time.perf_counter() - started
         run.write_env(collect_env(device, job.seed, timings))
-        finished = run.commit({"method": result.metrics, "suites": {}})
+        finished = run.commit(metrics)
     echo(f"finished run: {finished}")
     return finished
 
@@ -100,6 +150,14 @@ def _check_result(method: str, result: Any, components: dict[str, torch.nn.Modul
                 )
 
 
+def _echo_and_log(log: Echo, echo: Echo) -> Echo:
+    def both(line: str) -> None:
+        log(line)
+        echo(line)
+
+    return both
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -109,14 +167,32 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = time.perf_counter() - start
 
 
-class ProgressReporter:
-    """The ``ctx.progress`` of a run: every report goes to log.txt, about every 5 s (and the last) to ``echo``."""
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise JobCancelled("the job was cancelled")
 
-    def __init__(self, log: Echo, echo: Echo, every_s: float = 5.0) -> None:
+
+class ProgressReporter:
+    """The ``ctx.progress`` of a run: every report goes to log.txt, about every 5 s (and the last) to ``echo``.
+
+    ``hook`` (if given) sees every report; a set ``cancel`` event raises :class:`JobCancelled` at the next report.
+    """
+
+    def __init__(
+        self,
+        log: Echo,
+        echo: Echo,
+        every_s: float = 5.0,
+        *,
+        hook: ProgressHook | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
         self._log = log
         self._echo = echo
         self._every_s = every_s
         self._last_echo = float("-inf")
+        self._hook = hook
+        self._cancel = cancel
 
     def __call__(self, step: int, total: int, **scalars: float) -> None:
         values = " ".join(f"{key}={value:.4g}" for key, value in scalars.items())
@@ -126,3 +202,6 @@ class ProgressReporter:
         if step >= total or now - self._last_echo >= self._every_s:
             self._last_echo = now
             self._echo(line)
+        if self._hook is not None:
+            self._hook(step, total, dict(scalars))
+        _check_cancel(self._cancel)

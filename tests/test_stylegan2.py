@@ -6,6 +6,7 @@ import argparse
 import json
 import pickle
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,15 @@ def _small_generator(seed: int = 0, size: int = 16) -> Generator:
     g = Generator(size, 32, 2, channels={4: 16, 8: 16, 16: 8, 32: 8})
     _perturb_zero_initialised(g, seed)
     return g.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """One intra-op thread: these models are tiny or run once, and a shared CPU makes threads spin-wait."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,25 @@ _VOCAB = [
 _MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>"]
 
 
+def build_tiny_tokenizer(token_dir: Path, model_max_length: int = 77):
+    """A CLIPTokenizer over the tiny test vocabulary (ids 21/22 are start/end of text); files go to ``token_dir``."""
+    from transformers import CLIPTokenizer
+
+    token_dir.mkdir(parents=True, exist_ok=True)
+    (token_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(_VOCAB)}))
+    (token_dir / "merges.txt").write_text("\n".join(_MERGES) + "\n")
+    return CLIPTokenizer(
+        vocab=str(token_dir / "vocab.json"),
+        merges=str(token_dir / "merges.txt"),
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+
+
 def build_tiny_pipeline(folder: Path) -> Path:
     """Save a tiny random SD pipeline to ``folder`` (which must not exist) and return it."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -54,16 +69,7 @@ def build_tiny_pipeline(folder: Path) -> Path:
             vocab_size=len(_VOCAB),
         )
     )
-    token_dir = folder.parent / f"{folder.name}-tokenizer-files"
-    token_dir.mkdir(parents=True)
-    (token_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(_VOCAB)}))
-    (token_dir / "merges.txt").write_text("\n".join(_MERGES) + "\n")
-    tokenizer = CLIPTokenizer(
-        vocab=str(token_dir / "vocab.json"),
-        merges=str(token_dir / "merges.txt"),
-        unk_token="<unk>",
-        model_max_length=77,
-    )
+    tokenizer = build_tiny_tokenizer(folder.parent / f"{folder.name}-tokenizer-files")
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

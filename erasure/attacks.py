@@ -1,0 +1,209 @@
+"""White-box prefix-embedding attack on a text-to-image diffusion model (UnlearnDiffAtk-style, continuous).
+
+UnlearnDiffAtk (Zhang et al., ECCV 2024, ``OPTML-Group/Diffusion-MU-Attack``) uses the attacked diffusion model
+itself as the classifier: it optimises ``k = 5`` prefix tokens put before the prompt so that the model best
+denoises a reference image of the erased concept, with AdamW (lr 0.01, weight decay 0.1) and the l2 loss
+
+    ``|| eps - eps_theta(sqrt(abar_t) x0_ref + sqrt(1 - abar_t) eps, t, TextEnc([SOT, adv_1..adv_k, prompt…])) ||^2``.
+
+Here the prefix lives in the continuous token-embedding space (``k`` free vectors, as AdvUnlearn's inner attack,
+Zhang et al. NeurIPS 2024), not on the vocabulary simplex UnlearnDiffAtk projects to; a continuous attack is at
+least as strong as a discrete one. Timesteps are drawn at random per iteration.
+
+The same functions serve two callers:
+
+* the HUB suite's attack robustness (``evaluate/suites/hub.py``): target = the true noise (UnlearnDiffAtk);
+* AdvUnlearn's inner maximisation: pass ``teacher`` to match the frozen original model's prediction instead, and
+  use :func:`encode_with_prefix` (differentiable in the text encoder's weights too) for the defender step.
+
+``components`` is anything with ``tokenizer``, ``text_encoder``, ``unet`` and ``scheduler`` attributes (a diffusers
+``StableDiffusionPipeline`` works; so does a ``SimpleNamespace`` holding a trainable text-encoder copy).
+Gradients are taken with ``torch.autograd.grad`` with respect to the prefix only, so no model parameter's
+``.grad`` is touched and no module is switched between train and eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Teacher = Callable[[Tensor, Tensor], Tensor]
+"""``teacher(noisy_latents, timesteps) -> target noise prediction`` (e.g. the frozen original UNet on the concept)."""
+
+StopCheck = Callable[[Tensor], bool]
+"""``check(prompt_embeds) -> True`` to stop early (e.g. a generation with these embeddings shows the concept)."""
+
+
+@dataclass(frozen=True)
+class PrefixPrompt:
+    """Token ids ``[1, L]`` of ``[SOT, slot × k, prompt tokens…, EOT, pad…]``; slots ``start..start+k`` get the
+    adversarial embeddings. ``L`` is the tokenizer's ``model_max_length`` (the pipeline's padding length)."""
+
+    input_ids: Tensor
+    k: int
+    start: int = 1
+
+
+def build_prefix_prompt(tokenizer: Any, prompt: str, k: int) -> PrefixPrompt:
+    """The ids of ``prompt`` as the pipeline tokenises it, with ``k`` prefix slots after the start token.
+
+    The prompt is truncated to ``model_max_length - k`` tokens (keeping its end-of-text token) so the whole
+    sequence keeps the pipeline's length.
+    """
+    length = int(tokenizer.model_max_length)
+    if not 0 < k < length - 2:
+        raise ValueError(f"k must be in [1, {length - 3}] for a context of {length} tokens, got {k}")
+    ids = tokenizer(prompt, padding="max_length", max_length=length - k, truncation=True,
+                    return_tensors="pt").input_ids
+    slot = torch.full((1, k), int(ids[0, 0]), dtype=ids.dtype)  # placeholder ids; their embeddings are replaced
+    return PrefixPrompt(torch.cat([ids[:, :1], slot, ids[:, 1:]], dim=1), k)
+
+
+@contextmanager
+def _prefix_injected(text_encoder: Any, prompt: PrefixPrompt, prefix: Tensor) -> Iterator[None]:
+    """Replace the token embeddings of the prefix slots by ``prefix`` (``[k, d]`` or ``[b, k, d]``)."""
+    embedding = text_encoder.get_input_embeddings()
+
+    def hook(module: torch.nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        p = prefix.to(output.dtype)
+        p = p.unsqueeze(0).expand(output.shape[0], -1, -1) if p.ndim == 2 else p
+        s, e = prompt.start, prompt.start + prompt.k
+        return torch.cat([output[:, :s], p, output[:, e:]], dim=1)
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_with_prefix(text_encoder: Any, prompt: PrefixPrompt, prefix: Tensor) -> Tensor:
+    """Text embeddings ``[b, L, d]`` (last hidden state, as the SD pipeline conditions on) with the prefix in place.
+
+    Differentiable with respect to ``prefix`` and the text encoder's weights.
+    """
+    device = text_encoder.get_input_embeddings().weight.device
+    with _prefix_injected(text_encoder, prompt, prefix):
+        return text_encoder(prompt.input_ids.to(device))[0]
+
+
+def init_prefix(text_encoder: Any, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """``k`` embeddings of random vocabulary tokens (the ``random`` initialisation of AdvUnlearn's attack)."""
+    weight = text_encoder.get_input_embeddings().weight
+    ids = torch.randint(0, weight.shape[0], (k,), generator=generator)
+    return weight.detach()[ids.to(weight.device)].float().clone()
+
+
+def noised(scheduler: Any, latents: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, t, eps)``: clean latents noised at a random training timestep each (DDPM forward process)."""
+    n = latents.shape[0]
+    alphas = scheduler.alphas_cumprod
+    t = torch.randint(0, len(alphas), (n,), generator=generator)
+    eps = torch.randn(latents.shape, generator=generator).to(latents)
+    abar = alphas[t].to(latents).view(n, *([1] * (latents.ndim - 1)))
+    return abar.sqrt() * latents + (1 - abar).sqrt() * eps, t.to(latents.device), eps
+
+
+def denoising_loss(
+    components: Any,
+    prompt: PrefixPrompt,
+    prefix: Tensor,
+    latents: Tensor,
+    generator: torch.Generator | None = None,
+    teacher: Teacher | None = None,
+) -> Tensor:
+    """One sample of the attack loss: MSE between the UNet's noise prediction under the prefixed prompt and the
+    true noise (``teacher=None``, UnlearnDiffAtk) or ``teacher(x_t, t)`` (AdvUnlearn)."""
+    unet = components.unet
+    x_t, t, eps = noised(components.scheduler, latents, generator)
+    cond = encode_with_prefix(components.text_encoder, prompt, prefix)
+    cond = cond.expand(latents.shape[0], -1, -1).to(device=unet.device, dtype=unet.dtype)
+    pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond).sample
+    if teacher is None:
+        target = eps
+    else:
+        with torch.no_grad():
+            target = teacher(x_t, t)
+    return F.mse_loss(pred.float(), target.float())
+
+
+@dataclass
+class PrefixAttack:
+    """Result of :func:`optimize_prefix_embeddings`."""
+
+    prefix: Tensor
+    """The adversarial embeddings ``[k, d]`` (float32, on the text encoder's device)."""
+    prompt: PrefixPrompt
+    prompt_embeds: Tensor
+    """``encode_with_prefix(text_encoder, prompt, prefix)``, detached: pass as ``prompt_embeds`` to the pipeline."""
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    stopped_early: bool = False
+
+
+def optimize_prefix_embeddings(
+    components: Any,
+    prompt: str,
+    target_latents: Tensor,
+    *,
+    k: int = 5,
+    steps: int = 40,
+    lr: float = 0.01,
+    weight_decay: float = 0.1,
+    generator: torch.Generator | None = None,
+    init: Tensor | None = None,
+    teacher: Teacher | None = None,
+    check: StopCheck | None = None,
+    check_every: int = 0,
+) -> PrefixAttack:
+    """Optimise ``k`` prefix embeddings before ``prompt`` so the model denoises ``target_latents`` well.
+
+    ``target_latents``: clean latents ``[n, c, h, w]`` of the concept (UnlearnDiffAtk: the VAE-encoded reference
+    image, scaled by the VAE's scaling factor; see :func:`encode_images`). Each of the ``steps`` AdamW steps draws
+    a fresh timestep and noise per latent. ``init`` warm-starts the prefix (AdvUnlearn's ``latest`` init);
+    otherwise random vocabulary embeddings. ``check(prompt_embeds)`` is called every ``check_every`` steps before
+    the last (never if 0) and stops the attack when it returns True, as UnlearnDiffAtk stops on the first success;
+    judging the final ``prompt_embeds`` is the caller's.
+    """
+    text_encoder = components.text_encoder
+    device = text_encoder.get_input_embeddings().weight.device
+    pp = build_prefix_prompt(components.tokenizer, prompt, k)
+    start = init if init is not None else init_prefix(text_encoder, k, generator)
+    prefix = start.detach().float().to(device).clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([prefix], lr=lr, weight_decay=weight_decay)
+    latents = target_latents.to(device=components.unet.device, dtype=torch.float32)
+    result = PrefixAttack(prefix=prefix, prompt=pp, prompt_embeds=torch.empty(0))
+    with torch.enable_grad():
+        for step in range(1, steps + 1):
+            loss = denoising_loss(components, pp, prefix, latents, generator, teacher)
+            (grad,) = torch.autograd.grad(loss, [prefix])
+            prefix.grad = grad
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(float(loss.detach()))
+            result.steps = step
+            due = check is not None and check_every and step % check_every == 0 and step < steps
+            if due and check(_embeds(text_encoder, pp, prefix)):
+                result.stopped_early = True
+                break
+    result.prefix = prefix.detach()
+    result.prompt_embeds = _embeds(text_encoder, pp, result.prefix)
+    return result
+
+
+@torch.no_grad()
+def _embeds(text_encoder: Any, prompt: PrefixPrompt, prefix: Tensor) -> Tensor:
+    return encode_with_prefix(text_encoder, prompt, prefix.detach()).detach()
+
+
+@torch.no_grad()
+def encode_images(vae: Any, images: Tensor) -> Tensor:
+    """Clean latents of images in ``[-1, 1]``: the VAE posterior mean times its scaling factor."""
+    x = images.to(device=vae.device, dtype=vae.dtype)
+    return vae.encode(x).latent_dist.mean * vae.config.scaling_factor

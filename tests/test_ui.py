@@ -609,10 +609,8 @@ def test_cli_ui_refuses_a_missing_models_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHIPPED_WORLD_READY, reason="the shipped MiniCanvas world is not built yet")
 def test_erasing_a_style_changes_it_and_keeps_another(tmp_path: Path) -> None:
-    if "esd" not in list_methods():
-        pytest.skip("the esd method is not registered yet")
+    assert SHIPPED_WORLD_READY and "esd" in list_methods()
     from gradio_client import Client
 
     from generators.minicanvas.concepts import STYLES

@@ -28,6 +28,7 @@ from .models import TEXT_MAX_LENGTH, MiniClassifier, projected
 from .paths import world_dir
 
 STAGES = ("classifier", "clip", "sd", "gan")
+SHARD_SIZE = "6MB"  # shipped weight files stay small (the UNet is sharded)
 DEFAULT_WORK_DIR = Path(".world-build")
 
 # MiniSD's sampler defaults (DDIM): the evaluator's "quick" tier and the UI use these.
@@ -165,7 +166,7 @@ def build(
                 vae=_half(vae), text_encoder=_half(text_encoder), tokenizer=tokenizer, unet=_half(unet),
                 scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
-            pipe.save_pretrained(tmp)
+            pipe.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
             _load_as_fp32(tmp / "text_encoder" / "config.json")
         elif stage == "gan":
             from ..minigan import train_minigan

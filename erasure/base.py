@@ -39,9 +39,10 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 
 class MethodParams(BaseModel):
-    """Base of every method's ``Params`` model: unknown parameters are errors, never silently ignored."""
+    """Base of every method's ``Params`` model: unknown parameters are errors, never silently ignored, and float
+    parameters must be finite (``.inf``/``.nan`` in a config would otherwise pass ``gt=0`` or skip the bounds)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 ProgressFn = Callable[..., None]
@@ -64,6 +65,9 @@ class RunContext:
     """Append one line to the run's log.txt."""
     anchor: Target | None = None
     """The job's optional anchor concept: what methods that map the target onto another concept map it to."""
+    backbone_path: Path | None = None
+    """The resolved backbone's files (a pipeline folder or a generator checkpoint), when known: lets GAN methods
+    read what the loaded generator does not carry (a rosinality checkpoint's ``d``, ``g`` and optimiser states)."""
 
     @property
     def dtype(self) -> torch.dtype:

@@ -34,7 +34,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from erasure.base import Precision
-from erasure.config import EvaluateConfig, JobConfig, Target, _describe  # _describe: the job configs' wording
+from erasure.config import (  # _describe: the job configs' wording
+    MAX_SEED,
+    EvaluateConfig,
+    JobConfig,
+    Target,
+    _describe,
+)
 from erasure.devices import check_device
 from erasure.errors import ConfigError
 from erasure.overrides import Override, apply_overrides, parse_override
@@ -106,7 +112,9 @@ class BenchmarkConfig(_Strict):
     methods: list[MethodEntry] = Field(min_length=1)
     targets: list[str] = Field(min_length=1)
     anchor: str | None = None
-    seeds: list[Annotated[int, Field(ge=0, strict=True)]] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]] = Field(
+        default_factory=lambda: [0], min_length=1
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     device: str = "auto"
     precision: Precision = "fp32"
@@ -393,7 +401,7 @@ def _where(source: str, loc: tuple[Any, ...], overrides: list[Override]) -> str:
     for override in reversed(overrides):
         n = min(len(loc), len(override.path))
         if tuple(str(part) for part in loc[:n]) == override.path[:n]:
-            return f"{source} (--set {override.raw})"
+            return f"{source} (--set {override.shown})"
     return source
 
 

@@ -48,8 +48,18 @@ OutOpt = Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Write
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+INTERRUPTED_EXIT_CODE = 130
+"""Exit code after Ctrl-C (SIGINT): 128 + 2, as shells report a process stopped by SIGINT."""
+
+
 def _guarded(fn: F) -> F:
-    """Print a UserError as one line and exit with its code (2 for config errors); tracebacks only with --debug."""
+    """Print a UserError as one line and exit with its code (2 for config errors); tracebacks only with --debug.
+
+    Ctrl-C (SIGINT) stops with one line and exit code 130: what was being written is not left half-written (run
+    folders are only renamed into place when complete), and checkpoints are kept, so running the same command
+    again resumes. A write error of the machine (disk full, permission denied) is one line too, not an internal
+    error.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -60,8 +70,23 @@ def _guarded(fn: F) -> F:
                 raise
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            if _debug:
+                raise
+            typer.echo(
+                "interrupted (Ctrl-C): stopped without leaving a half-written result; checkpoints are kept, so "
+                "running the same command again resumes",
+                err=True,
+            )
+            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
         except (typer.Exit, typer.Abort, TyperException):
             raise
+        except OSError as err:
+            if _debug:
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            typer.echo(f"error: {first} (rerun with --debug for the traceback)", err=True)
+            raise typer.Exit(1) from None
         except Exception as err:
             if _debug:
                 raise

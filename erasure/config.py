@@ -7,6 +7,7 @@ unknown fields; ``method.params`` is validated by the chosen method's own ``Para
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -28,7 +29,7 @@ from erasure.devices import check_device
 from erasure.errors import ConfigError
 from erasure.overrides import Override, apply_overrides, parse_override
 from erasure.registry import get_method, list_methods, method_choices
-from erasure.yamlfile import dump_yaml, load_mapping
+from erasure.yamlfile import MAX_NESTING, dump_yaml, load_mapping, too_deep
 from evaluate.registry import list_suites, suite_choices
 from generators.registry import Backbone, resolve_backbone
 
@@ -36,6 +37,8 @@ TargetKind = Literal["style", "object", "text"]
 Tier = Literal["smoke", "quick", "full"]
 TARGET_GRAMMAR = "'style:<name>', 'object:<name>' or 'text:<free text>'"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_SEED = 2**32 - 1
+"""The largest seed every RNG the runner seeds accepts (NumPy's legacy seeding stops at 2**32 - 1)."""
 
 
 class StrictModel(BaseModel):
@@ -125,7 +128,7 @@ class JobConfig(StrictModel):
     """One erasure job. Field order matters: later validators use earlier fields (backbone before method)."""
 
     name: str
-    seed: int = Field(0, ge=0, strict=True)
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
     device: str = "auto"
     precision: Precision = "fp32"
     backbone: str
@@ -222,6 +225,9 @@ def load_job_config(path: str | Path, overrides: list[str] | None = None) -> Job
     data = load_mapping(path)
     try:
         parsed = [parse_override(raw) for raw in overrides or []]
+        for override in parsed:
+            if too_deep([override.value], MAX_NESTING - len(override.path)):
+                raise ConfigError(f"--set {override.shown}: the value is nested too deeply or refers to itself")
         data = apply_overrides(data, parsed)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
@@ -233,6 +239,8 @@ def validate_job(data: dict[str, Any], source: str, overrides: list[Override] | 
         return JobConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source, data, overrides or [])) from None
+    except RecursionError:  # data that did not come through load_mapping's nesting check
+        raise ConfigError(f"{source}: nested too deeply or refers to itself") from None
 
 
 # ---------------------------------------------------------------------------------------------- error messages
@@ -246,11 +254,11 @@ def format_validation_error(
     first = errors[0]
     loc = tuple(first["loc"])
     origin = _override_for(loc, overrides)
-    where = f"{source} (--set {origin.raw})" if origin else source
+    where = f"{source} (--set {origin.shown})" if origin else source
     line = f"{where}: {_dotted(loc) or '(top level)'}: {_describe(first, loc, data)}"
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return line
+    return line.replace("\r", "\\r").replace("\n", "\\n")  # a value (a path) may hold a line break
 
 
 def _describe(error: Any, loc: tuple[Any, ...], data: dict[str, Any]) -> str:
@@ -280,8 +288,13 @@ def _show(value: Any) -> str:
     if value is None or isinstance(value, bool):
         text = {None: "null", True: "true", False: "false"}[value]
     else:
-        text = repr(value)
+        text = _SHORT_REPR.repr(value)  # bounded: a YAML alias bomb must not be expanded into the message
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict, _SHORT_REPR.maxstring = 3, 8, 8, 100
+_SHORT_REPR.maxother, _SHORT_REPR.maxlong = 100, 100
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

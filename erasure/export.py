@@ -43,7 +43,10 @@ def export_diffusers(run: str | Path, out: str | Path, *, overwrite: bool = Fals
 
     from diffusers import StableDiffusionPipeline
 
+    from generators.one_step import load_marker, save_marker
+
     pipe = StableDiffusionPipeline.from_pretrained(backbone.path, local_files_only=True)
+    load_marker(pipe, backbone.path)
     components = backbone_components(pipe)
     for component, tensors in read_run_weights(run).items():
         if component not in components:
@@ -60,6 +63,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, overwrite: bool = Fals
     replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
     try:
         pipe.save_pretrained(partial, safe_serialization=True)
+        save_marker(pipe, partial)  # one_step.json for a one-step generator (SFD)
         if out.exists():
             os.rename(out, replaced)
         os.rename(partial, out)

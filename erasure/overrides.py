@@ -31,17 +31,28 @@ class Override:
     def dotted(self) -> str:
         return ".".join(self.path)
 
+    @property
+    def shown(self) -> str:
+        return shown(self.raw)
+
+
+def shown(raw: str, limit: int = 120) -> str:
+    """An override as error messages quote it: on one line (control characters escaped), at most ``limit`` long."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in raw)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def parse_override(raw: str) -> Override:
     """Parse one ``dotted.path=value``; ConfigError for a missing ``=``, a bad path or a bad flow collection."""
     key, sep, text = raw.partition("=")
     if not sep:
-        raise ConfigError(f"--set {raw}: expected dotted.path=value (e.g. --set seed=3)")
+        raise ConfigError(f"--set {shown(raw)}: expected dotted.path=value (e.g. --set seed=3)")
     path = tuple(key.strip().split("."))
     bad = [part for part in path if not _KEY.fullmatch(part)]
     if bad:
         raise ConfigError(
-            f"--set {raw}: bad field path {key.strip()!r}; use dot-separated field names like method.params.lr"
+            f"--set {shown(raw)}: bad field path {shown(repr(key.strip()))}; use dot-separated field names like "
+            "method.params.lr"
         )
     return Override(path=path, value=_parse_value(raw, text.strip()), raw=raw)
 
@@ -53,7 +64,7 @@ def _parse_value(raw: str, text: str) -> Any:
     except yaml.YAMLError as err:
         if is_flow:
             problem = getattr(err, "problem", None) or " ".join(str(err).split())
-            raise ConfigError(f"--set {raw}: invalid YAML value: {problem}") from None
+            raise ConfigError(f"--set {shown(raw)}: invalid YAML value: {shown(problem, 300)}") from None
         return text
     if isinstance(value, (dict, list)) and not is_flow:
         return text
@@ -91,7 +102,8 @@ def _set(data: dict[str, Any], override: Override) -> None:
         elif not isinstance(child, dict):
             parent = ".".join(override.path[: depth + 1])
             raise ConfigError(
-                f"--set {override.raw}: cannot set {override.dotted}: {parent} is {child!r}, not a mapping"
+                f"--set {override.shown}: cannot set {shown(override.dotted)}: {shown(parent)} is "
+                f"{shown(repr(child), 80)}, not a mapping"
             )
         node = child
     node[override.path[-1]] = copy.deepcopy(override.value)

@@ -6,7 +6,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,10 @@ def run_erase(
 ) -> Path:
     """Erase ``job.target`` with ``job.method`` and write the run to ``dest``; returns the finished folder.
 
-    Everything that can be checked without loading the model is checked first, so a job that cannot run
-    creates no folder at all. ``cancel`` (set from another thread) stops the job at its next progress report
-    (or phase boundary) with :class:`JobCancelled`, leaving neither a partial run folder nor checkpoints.
+    Everything that can be checked is checked first, loading the backbone included, so a job that cannot run
+    (bad config, missing or unloadable model, occupied destination) creates no folder at all. ``cancel`` (set
+    from another thread) stops the job at its next progress report (or phase boundary) with
+    :class:`JobCancelled`, leaving neither a partial run folder nor checkpoints.
     """
     try:
         return _run_erase(job, dest, overwrite, echo, on_progress, cancel)
@@ -80,14 +81,15 @@ def _run_erase(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
+    seed_everything(job.seed)
+    _check_cancel(cancel)
+    with _timed(timings, "load"):
+        model = load_backbone(backbone, device, job.precision)
+    _check_cancel(cancel)
+
     with RunWriter.open(dest, overwrite) as run:
         run.write_config(job)
         run.log(f"job {job.name}: {job.method.name} erases {job.target.spec} from {job.backbone} on {device}")
-        seed_everything(job.seed)
-        _check_cancel(cancel)
-        with _timed(timings, "load"):
-            model = load_backbone(backbone, device, job.precision)
-        _check_cancel(cancel)
         ctx = RunContext(
             seed=job.seed,
             device=device,
@@ -97,6 +99,7 @@ def _run_erase(
             progress=ProgressReporter(run.log, echo, hook=on_progress, cancel=cancel),
             log=run.log,
             anchor=job.anchor,
+            backbone_path=backbone.path,
         )
         efficiency = Efficiency()
         with _timed(timings, "erase"), measure_erasure(device, efficiency):
@@ -111,7 +114,8 @@ def _run_erase(
             f"saved {sum(len(t) for t in result.changed.values())} changed tensors in {list(result.changed)}"
         )
         efficiency.storage_mb = folder_mb(run.weights_dir)
-        metrics: dict[str, Any] = {"method": result.metrics, "efficiency": efficiency.as_dict()}
+        method_metrics, own = method_sections(job.method.name, result.metrics, reserved=job.evaluate.suites)
+        metrics: dict[str, Any] = {"method": method_metrics, **own, "efficiency": efficiency.as_dict()}
         if job.evaluate.suites:
             del model, components  # the suites evaluate a fresh copy with the saved tensors applied
             with _timed(timings, "evaluate"):
@@ -126,6 +130,38 @@ def _run_erase(
         finished = run.commit(metrics)
     echo(f"finished run: {finished}")
     return finished
+
+
+def method_sections(
+    method: str, values: dict[str, float], reserved: Sequence[str] = ()
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Split a method's metrics into those kept under ``"method"`` and its own metrics.json section.
+
+    Keys a method reports under its own name (``soup.removed_ua``, ``soup.before_acc.shard_0``) go to a top-level
+    section named after the method, nested at every dot (``{"soup": {"removed_ua": ...}}``), so they read as
+    ``soup.removed_ua`` in flattened views; every other key stays under ``"method"``. A method whose name is a
+    section the runner writes itself (``method``, ``efficiency``, an evaluation suite) keeps everything there.
+    """
+    prefix = f"{method}."
+    if method in ("method", "efficiency", *reserved) or not any(k.startswith(prefix) for k in values):
+        return dict(values), {}
+    kept: dict[str, float] = {}
+    section: dict[str, Any] = {}
+    for key, value in values.items():
+        if not key.startswith(prefix):
+            kept[key] = value
+            continue
+        node = section
+        *parents, leaf = key[len(prefix) :].split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"method {method!r} reports both {key!r} and a metric at its parent key")
+            node = child
+        if isinstance(node.get(leaf), dict):
+            raise UserError(f"method {method!r} reports both {key!r} and metrics below it")
+        node[leaf] = value
+    return kept, {method: section}
 
 
 def _check_result(method: str, result: Any, components: dict[str, torch.nn.Module]) -> None:

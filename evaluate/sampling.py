@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from evaluate.cache import GenerationCache, model_fingerprint
+from generators.one_step import one_step_timestep, sample_from_embeddings
 from generators.sd import sample_sd
 
 SCHEDULERS = ("ddim",)
@@ -57,8 +58,12 @@ class SDSampler:
         return model_fingerprint(self.pipe)
 
     def _request(self, prompt: str, seed: int, settings: SamplerSettings) -> dict[str, Any]:
-        return {"kind": "sd", "prompt": prompt, "seed": int(seed), "generator": self.pipe.device.type,
-                **settings.request()}
+        request = {"kind": "sd", "prompt": prompt, "seed": int(seed), "generator": self.pipe.device.type,
+                   **settings.request()}
+        t_init = one_step_timestep(self.pipe)
+        if t_init is not None:  # a one-step generator (SFD): steps/guidance do not apply, t_init does
+            request["one_step"] = t_init
+        return request
 
     def images(self, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings) -> Tensor:
         """Images of ``prompts[i]`` with seed ``seeds[i]``."""
@@ -91,6 +96,8 @@ class SDSampler:
         """
         n = len(seeds)
         embeds = prompt_embeds.expand(n, -1, -1) if prompt_embeds.shape[0] == 1 else prompt_embeds
+        if one_step_timestep(self.pipe) is not None:
+            return sample_from_embeddings(self.pipe, embeds, seeds, settings.height, settings.width)
         device = self.pipe.device
         gen_device = "cpu" if device.type == "mps" else device
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor

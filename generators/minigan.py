@@ -305,6 +305,17 @@ def load_training_checkpoint_generator(
     return g_ema.to(device).eval()
 
 
+def load_training_checkpoint_discriminator_state(out_dir: str | Path) -> dict[str, Tensor]:
+    """The discriminator's state dict (rosinality names) from the latest training checkpoint in ``out_dir``:
+    shipped next to the generator so that adversarial fine-tuning (Adapt-then-Unlearn) starts from a trained D."""
+    out_dir = Path(out_dir)
+    sidecar = _read_sidecar(out_dir)
+    if sidecar is None:
+        raise FileNotFoundError(f"no {SIDECAR_NAME} in {out_dir}")
+    tensors = _read_tensors(out_dir / sidecar["tensors"])
+    return {k[len("d.") :]: v for k, v in tensors.items() if k.startswith("d.")}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------

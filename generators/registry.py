@@ -86,14 +86,18 @@ def resolve_backbone(value: str) -> Backbone:
     if value in _BACKBONES:
         named = get_backbone(value)
         return Backbone(spec=value, kind=named.kind, path=named.locate(), named=named)
-    path = Path(value).expanduser()
-    if not path.exists() and not _looks_like_path(value):
-        raise ValueError(f"must be {backbone_choices()}")
     try:
-        kind = path_kind(path)
-    except ValueError as err:
-        raise ValueError(f"{err}; must be {backbone_choices()}") from None
-    return Backbone(spec=str(path.resolve()), kind=kind, path=path.resolve())
+        path = Path(value).expanduser()
+        if not path.exists() and not _looks_like_path(value):
+            raise ValueError(f"must be {backbone_choices()}")
+        try:
+            kind = path_kind(path)
+        except ValueError as err:
+            raise ValueError(f"{err}; must be {backbone_choices()}") from None
+        return Backbone(spec=str(path.resolve()), kind=kind, path=path.resolve())
+    except (OSError, RuntimeError) as err:  # a name too long for the filesystem, ``~nosuchuser``...
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ValueError(f"cannot be used as a path ({reason}); must be {backbone_choices()}") from None
 
 
 def _looks_like_path(value: str) -> bool:

@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from erasure.io import unpickling_refusal
 from generators.stylegan2 import (
     Discriminator,
     DiscriminatorConfig,
@@ -106,23 +108,31 @@ def read_rosinality_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(_SAFE_PICKLE_CLASSES):
+        with torch.serialization.safe_globals(_SAFE_PICKLE_CLASSES), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol N": the refusal says enough
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs unpickling of code or of classes other than tensors and "
             f"plain containers, which could execute arbitrary code. Only weights-only checkpoints are "
-            f"accepted; re-save the state dicts with torch.save or convert to safetensors. ({exc})"
+            f"accepted; re-save the state dicts with torch.save or convert to safetensors ({unpickling_refusal(exc)})"
         ) from exc
     except RuntimeError as exc:
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             raise UnsafeCheckpointError(
-                f"refusing to load {path}: the weights-only unpickler rejected it ({exc})"
+                f"refusing to load {path}: the weights-only unpickler rejected it ({unpickling_refusal(exc)})"
             ) from exc
-        raise CheckpointFormatError(f"could not read {path} as a torch checkpoint: {exc}") from exc
+        raise CheckpointFormatError(f"could not read {path} as a torch checkpoint: {_first_line(exc)}") from exc
+    except EOFError as exc:
+        raise CheckpointFormatError(f"could not read {path} as a torch checkpoint: it ends early (empty?)") from exc
     if not isinstance(data, dict):
         raise CheckpointFormatError(f"{path} holds a {type(data).__name__}, expected a dict of state dicts")
     return data
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _strip_module_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

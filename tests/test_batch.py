@@ -194,11 +194,12 @@ def test_shipped_benchmark_configs_validate() -> None:
         except ConfigError as err:
             problems.append(str(err))
     assert not problems, f"registered methods: {list_methods()}; problems: {problems}"
-    # minicanvas.yaml covers every registered diffusion method (test-only methods aside).
+    # minicanvas.yaml covers every registered diffusion method (test-only methods aside; soup erases only its own
+    # shards' styles, so it has its own job config instead of the benchmark's target grid).
     reference = load_benchmark(REPO / "configs" / "benchmarks" / "minicanvas.yaml")
     shipped = {entry.name for entry in reference.config.methods}
     registered = {name for name in list_methods() if get_method(name).backbone_kind == "sd"}
-    assert {name for name in registered if not name.startswith("test_")} <= shipped
+    assert {name for name in registered if not name.startswith("test_")} - {"soup"} <= shipped
 
 
 # ------------------------------------------------------------------------------------------ running

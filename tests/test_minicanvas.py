@@ -115,7 +115,8 @@ def test_world_build_and_verify_end_to_end(tmp_path):
     from generators.minicanvas import world
 
     tiny = StageSettings(steps=2, batch=8, lr=1e-3, warmup=1)
-    settings = WorldSettings(classifier=tiny, clip=tiny, clip_vision=tiny, vae=tiny, unet=tiny, checkpoint_every=1)
+    settings = WorldSettings(classifier=tiny, clip=tiny, clip_vision=tiny, vae=tiny, unet=tiny, unet_refine=tiny,
+                             checkpoint_every=1)
     info = world.build(only=["classifier", "clip", "sd"], out_dir=tmp_path / "w", work_dir=tmp_path / "work",
                        settings=settings)
     assert set(info["stages"]) == {"classifier", "clip", "sd"}

@@ -350,3 +350,24 @@ def test_minigan_default_size_budget() -> None:
     g = Generator(32, 128, 4, channels={4: 128, 8: 128, 16: 128, 32: 128})
     fp16_bytes = 2 * sum(t.numel() for t in g.state_dict().values())
     assert fp16_bytes <= 8 * 1024 * 1024
+
+
+def test_world_gan_stage_ships_generator_and_discriminator(tmp_path: Path) -> None:
+    """`world build --only gan` publishes g_ema and the trained D, both loading strictly into fresh models."""
+    from safetensors.torch import load_file
+
+    from generators.minicanvas.train import WorldSettings
+    from generators.minicanvas.world import build
+    from generators.stylegan2_io import load_generator_safetensors
+
+    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1)
+    build(only=["gan"], device="cpu", out_dir=tmp_path / "world", work_dir=tmp_path / "work", settings=settings)
+    folder = tmp_path / "world" / "gan"
+    g = load_generator_safetensors(folder / "generator.safetensors")
+    assert g.size == 32 and set(g.channels.values()) == {8}
+    d = Discriminator(32, channels=g.channels)
+    state = load_file(folder / "discriminator.safetensors")
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    d.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    info = json.loads((tmp_path / "world" / "build_info.json").read_text())
+    assert info["stages"]["gan"]["settings"]["gan_channels"] == 8

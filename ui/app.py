@@ -200,7 +200,8 @@ def _wire_erase(
         [compare_ui["run"], runs_ui["run"], runs_ui["table"]],
         api_visibility="private",
     )
-    ui["cancel"].click(studio.cancel, ui["job_id"], ui["status"], api_name="cancel", concurrency_limit=None)
+    # Not queued: a cancel must get through even when the queue is full of waiting erasure requests.
+    ui["cancel"].click(studio.cancel, ui["job_id"], ui["status"], api_name="cancel", queue=False)
 
 
 # ---------------------------------------------------------------------------------------------- compare tab

@@ -3,11 +3,12 @@
 A job's state (progress, log tail, result) is read by the request that started it, which streams it to the page.
 :meth:`JobManager.cancel` sets the job's cancel event: the runner stops at the method's next progress report and
 removes the partial run folder and its checkpoints, so a cancelled (or timed-out, or failed) job leaves no half
-run in the runs directory.
+run in the runs directory (a failed job's checkpoints are removed here: a playground run is never resumed).
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ from typing import Literal
 from erasure.config import JobConfig
 from erasure.errors import UserError
 from erasure.runner import JobCancelled, run_erase
+from erasure.runs import checkpoint_dir_for
 
 JobStatus = Literal["running", "finished", "failed", "cancelled"]
 LOG_LINES = 200
@@ -141,6 +143,9 @@ class JobManager:
         else:
             state.status = "finished"
         finally:
+            if state.status != "finished":
+                # A playground run has a fresh name and is never resumed: its checkpoints would only be litter.
+                shutil.rmtree(checkpoint_dir_for(state.dest), ignore_errors=True)
             state.ended = time.monotonic()
             state.done.set()
 

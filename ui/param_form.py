@@ -122,6 +122,8 @@ def parse_params_json(text: str, limits: Limits) -> dict[str, Any]:
         raise ParamsError(
             f"parameters: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
         ) from None
+    except RecursionError:
+        raise ParamsError("parameters: nested too deeply") from None
     if not isinstance(data, dict):
         raise ParamsError(f"parameters: must be a JSON object, got {type(data).__name__}")
     return data

@@ -112,8 +112,9 @@ class AdvUnlearnParams(MethodParams):
     )
     prompts: PromptSource = Field(
         "auto",
-        description="'target', 'minicanvas' (caption templates; other concepts of the target's kind as "
-        "retain prompts) or 'auto' (minicanvas on the MiniCanvas world).",
+        description="Retain prompts: 'target' = retain_prompts above; 'minicanvas' = MiniCanvas captions of the "
+        "other concepts of the target's kind; 'auto' = minicanvas on the MiniCanvas world. The concept prompt is "
+        "always the target's own (e.g. 'Ember style'), as in the reference.",
     )
 
 
@@ -146,7 +147,8 @@ class AdvUnlearn(ErasureMethod):
         unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
         source = resolve_prompt_source(params.prompts, pipe, target)
         sets = concept_prompts(target, None, source, retain_prompts=params.retain_prompts)
-        words, retain_words = sets.forget, sets.retain
+        # The concept prompt is the target's own (reference: the concept word); `prompts` picks the retain set.
+        words, retain_words = [target.prompt], sets.retain
         ctx.log(f"advunlearn: {len(words)} concept / {len(retain_words)} retain prompts from '{source}'")
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)

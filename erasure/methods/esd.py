@@ -87,10 +87,11 @@ class ESDParams(MethodParams):
         "among their trajectories x steps states. Reference: a fresh trajectory per step (= iterations).",
     )
     prompts: PromptSource = Field(
-        "auto",
-        description="Concept prompts: 'target' = the target's own prompt (reference); 'minicanvas' = MiniCanvas "
-        "caption templates over all objects/styles, one per trajectory (like the reference's --seperator mode); "
-        "'auto' = minicanvas on the MiniCanvas world, else target.",
+        "target",
+        description="Concept prompts: 'target' = the target's own prompt, e.g. 'Ember style' (reference); "
+        "'minicanvas' = MiniCanvas captions naming the target, one per trajectory (like the reference's "
+        "--seperator mode); 'auto' = minicanvas on the MiniCanvas world. Full captions also erase what else they "
+        "name (their objects): on MiniCanvas that costs most of the cross-domain retain accuracy.",
     )
 
 

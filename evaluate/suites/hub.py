@@ -52,8 +52,8 @@ class HubTier:
 
 HUB_TIERS: dict[str, HubTier] = {
     "smoke": HubTier((0,), 2, 1, 1, AttackSettings(steps=4, check_every=0)),
-    "quick": HubTier((0,), None, 3, 5, AttackSettings(steps=40, check_every=10)),
-    "full": HubTier((0, 1, 2), None, 5, 10, AttackSettings(steps=100, check_every=10)),
+    "quick": HubTier((0,), None, 3, 5, AttackSettings(steps=40, check_every=20)),
+    "full": HubTier((0, 1, 2), None, 5, 10, AttackSettings(steps=100, check_every=20)),
 }
 
 

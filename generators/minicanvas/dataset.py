@@ -11,6 +11,7 @@ Images are rendered at ``2 * size`` and average-pooled to ``size`` (anti-aliasin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -214,10 +215,22 @@ def render(
     return out * 2 - 1
 
 
-def sample_labels(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform random (style, object) indices."""
-    s = torch.randint(0, len(STYLES), (n,), generator=generator, device=generator.device)
-    o = torch.randint(0, len(OBJECTS), (n,), generator=generator, device=generator.device)
+def sample_labels(
+    n: int, generator: torch.Generator, styles: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform random (style, object) indices; ``styles`` (indices into ``STYLES``) restricts the styles drawn.
+
+    Without ``styles`` the draws are exactly those of every earlier version (same generator calls, same values).
+    """
+    device = generator.device
+    if styles is None:
+        s = torch.randint(0, len(STYLES), (n,), generator=generator, device=device)
+    else:
+        allowed = torch.as_tensor(list(styles), dtype=torch.long, device=device)
+        if allowed.numel() == 0 or allowed.min() < 0 or allowed.max() >= len(STYLES):
+            raise ValueError(f"styles must be a non-empty list of style indices in 0..{len(STYLES) - 1}")
+        s = allowed[torch.randint(0, allowed.numel(), (n,), generator=generator, device=device)]
+    o = torch.randint(0, len(OBJECTS), (n,), generator=generator, device=device)
     return s, o
 
 

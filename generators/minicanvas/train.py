@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from erasure.training_state import load_training_state, save_training_state
@@ -42,16 +42,67 @@ class WorldSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     classifier: StageSettings = StageSettings(steps=2000, batch=128, lr=2e-3, seed=1)
     clip: StageSettings = StageSettings(steps=1500, batch=128, lr=1e-3, seed=2)
+    # Weight of MiniCLIP's auxiliary caption-label loss (phase 1): linear probes on the projected text embedding
+    # predict the caption's style and object. Without it the text tower mirrors the young vision tower's
+    # confusions (e.g. "circle" and "hexagon" got near-identical hidden states) and MiniSD, conditioned on those
+    # hidden states, cannot draw the difference. The probes are discarded after training.
+    clip_text_label_weight: float = Field(default=1.0, ge=0)
     clip_vision: StageSettings = StageSettings(steps=4000, batch=128, lr=5e-4, seed=5)
     vae: StageSettings = StageSettings(steps=1000, batch=32, lr=1e-3, seed=3)
     unet: StageSettings = StageSettings(steps=5000, batch=48, lr=3e-4, warmup=300, seed=4)
+    # Phase 2 of the UNet: a warm restart (fresh optimiser, new cosine cycle) with Min-SNR-5 loss weighting,
+    # which spends the budget on the noise levels where object shape is decided (phase 1 leaves shapes soft).
+    unet_refine: StageSettings = StageSettings(steps=4000, batch=48, lr=1.5e-4, warmup=100, seed=7)
+    unet_refine_min_snr_gamma: float = Field(default=5.0, gt=0)
     unet_cfg_dropout: float = Field(default=0.1, ge=0, lt=1)
     unet_ema_decay: float = Field(default=0.999, gt=0, lt=1)
     checkpoint_every: int = Field(default=250, gt=0)
     # MiniGAN (StyleGAN2, generators/minigan.py): its own optimiser settings live in train_minigan.
     gan_steps: int = Field(default=10_000, gt=0)
     gan_batch: int = Field(default=32, gt=0)
+    gan_channels: int = Field(default=128, gt=0, description="MiniGAN's G and D width at every resolution")
     gan_seed: int = 6
+    # Diffusion Soup's base (stage "soup", generators/minicanvas/soup.py): MiniSD's UNet trained from scratch like
+    # phase 1 of `unet` (plain epsilon-MSE, cosine schedule, EMA), on every style except the shards' styles, which
+    # the soup method's per-shard fine-tunes then teach.
+    soup_base: StageSettings = StageSettings(steps=2500, batch=48, lr=3e-4, warmup=300, seed=8)
+    soup_shards: list[list[str]] = Field(
+        default_factory=lambda: [list(shard) for shard in SOUP_SHARDS],
+        description="Styles of each Diffusion Soup shard (kept out of the soup base's training stream).",
+    )
+
+    @field_validator("soup_shards")
+    @classmethod
+    def _check_soup_shards(cls, shards: list[list[str]]) -> list[list[str]]:
+        return check_soup_shards(shards)
+
+
+# Diffusion Soup's default shards: 3 shards x 2 styles; the soup base learns the other 6 (Ember, Cinder, Dusk, Neon,
+# Mosaic, Ink). The near pair Ember/Cinder stays in the base: split across shards (or between base and a shard), the
+# remaining look-alike would still draw the removed style's stripes, and inside one short shard fine-tune their
+# one-colour difference would be learnt poorly; the base learns it with its full budget. Each shard brings new
+# background patterns (waves+speckle, dots+checker, rings+halftone) while the base covers every way an object is
+# painted (solid, outlined, hollow), so a shard fine-tune has only its styles to learn.
+SOUP_SHARDS: tuple[tuple[str, ...], ...] = (("Lagoon", "Frost"), ("Meadow", "Candy"), ("Cocoa", "Comic"))
+
+
+def check_soup_shards(shards: list[list[str]]) -> list[list[str]]:
+    """Soup shards must be at least two non-empty, disjoint groups of MiniCanvas styles that leave the base one."""
+    if len(shards) < 2:
+        raise ValueError("a soup needs at least 2 shards")
+    seen: list[str] = []
+    for shard in shards:
+        if not shard:
+            raise ValueError("a soup shard has no style")
+        for name in shard:
+            if name not in STYLES:
+                raise ValueError(f"soup shard style {name!r} is unknown; allowed: {', '.join(STYLES)}")
+            if name in seen:
+                raise ValueError(f"style {name!r} is in more than one soup shard")
+            seen.append(name)
+    if len(seen) == len(STYLES):
+        raise ValueError("the soup shards use every style: the soup base would have nothing to learn")
+    return shards
 
 
 def lr_at(step: int, s: StageSettings, final_frac: float = 0.05) -> float:
@@ -186,7 +237,8 @@ def train_clip(work: Path, tokenizer, settings: WorldSettings, device: str, resu
     s = settings.clip
     torch.manual_seed(s.seed)
     model = CLIPModel(clip_config()).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.05)
+    probes = torch.nn.Linear(model.config.projection_dim, len(STYLES) + len(OBJECTS)).to(device)
+    opt = torch.optim.AdamW([*model.parameters(), *probes.parameters()], lr=s.lr, weight_decay=0.05)
     g = torch.Generator(device).manual_seed(s.seed)
     table = PromptTable(tokenizer, device)
     model.train()
@@ -198,6 +250,11 @@ def train_clip(work: Path, tokenizer, settings: WorldSettings, device: str, resu
                     pixel_values=_augment(x, g))
         same = ((st[:, None] == st[None]) & (ob[:, None] == ob[None])).float()
         loss = _soft_clip_loss(out.logits_per_image, same)
+        if settings.clip_text_label_weight > 0:
+            labels = probes(out.text_embeds)
+            label_loss = (F.cross_entropy(labels[:, : len(STYLES)], st)
+                          + F.cross_entropy(labels[:, len(STYLES) :], ob))
+            loss = loss + settings.clip_text_label_weight * label_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -205,8 +262,9 @@ def train_clip(work: Path, tokenizer, settings: WorldSettings, device: str, resu
             model.logit_scale.clamp_(0, math.log(100))
         return loss.item()
 
-    Loop("clip", work / "clip.state.safetensors", s, {"model": model}, {"opt": opt}, {"data": g},
-         settings.checkpoint_every).run(step_fn, resume)
+    if not (resume and (work / "clip_vision.state.safetensors").exists()):  # phase 2's checkpoint holds it all
+        Loop("clip", work / "clip.state.safetensors", s, {"model": model, "probes": probes}, {"opt": opt},
+             {"data": g}, settings.checkpoint_every).run(step_fn, resume)
     return refine_clip_vision(model, work, tokenizer, settings, device, resume)
 
 
@@ -300,9 +358,7 @@ def train_unet(work: Path, vae, text_encoder, tokenizer, settings: WorldSettings
     torch.manual_seed(s.seed)
     unet = UNet2DConditionModel(**unet_config()).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=0.01)
     scheduler = DDPMScheduler(**sd_noise_schedule())
-    g = torch.Generator(device).manual_seed(s.seed)
     vae, text_encoder = vae.to(device).eval(), text_encoder.to(device).eval()
     table = PromptTable(tokenizer, device)
     with torch.no_grad():  # every caption's embedding, once: the text encoder is frozen
@@ -311,34 +367,54 @@ def train_unet(work: Path, vae, text_encoder, tokenizer, settings: WorldSettings
             for i in range(0, len(table.prompts), 256)
         ])
     alphas = scheduler.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
     ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     unet.train()
 
-    def step_fn(step: int) -> float:
-        st, ob = sample_labels(s.batch, g)
-        x = render(st, ob, g)
-        with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
-        idx = table.sample(st, ob, g)
-        drop = torch.rand(idx.shape, generator=g, device=device) < settings.unet_cfg_dropout
-        idx = torch.where(drop, torch.full_like(idx, table.empty_index), idx)
-        noise = torch.randn(latents.shape, generator=g, device=device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (s.batch,), generator=g, device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, embeddings[idx]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(settings.unet_ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
-        return loss.item()
+    def make_step(s: StageSettings, opt: torch.optim.Optimizer, g: torch.Generator, min_snr_gamma: float | None,
+                  ema_offset: int):
+        def step_fn(step: int) -> float:
+            st, ob = sample_labels(s.batch, g)
+            x = render(st, ob, g)
+            with torch.no_grad():
+                latents = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
+            idx = table.sample(st, ob, g)
+            drop = torch.rand(idx.shape, generator=g, device=device) < settings.unet_cfg_dropout
+            idx = torch.where(drop, torch.full_like(idx, table.empty_index), idx)
+            noise = torch.randn(latents.shape, generator=g, device=device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (s.batch,), generator=g, device=device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            pred = unet(noisy, t, embeddings[idx]).sample
+            per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            if min_snr_gamma is not None:  # Min-SNR-gamma weighting for epsilon prediction (Hang et al. 2023)
+                per_sample = per_sample * snr[t].clamp(max=min_snr_gamma) / snr[t]
+            loss = per_sample.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            k = ema_offset + step
+            decay = min(settings.unet_ema_decay, (1 + k) / (10 + k))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
+            return loss.item()
 
+        return step_fn
+
+    # Phase 1: plain epsilon-MSE, cosine schedule.
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=0.01)
+    g = torch.Generator(device).manual_seed(s.seed)
     Loop("unet", work / "unet.state.safetensors", s, {"unet": unet, "ema": ema}, {"opt": opt}, {"data": g},
-         settings.checkpoint_every).run(step_fn, resume)
+         settings.checkpoint_every).run(make_step(s, opt, g, None, 0), resume)
+
+    # Phase 2: warm restart with Min-SNR weighting; the EMA carries on from phase 1.
+    r = settings.unet_refine
+    opt = torch.optim.AdamW(unet.parameters(), lr=r.lr, weight_decay=0.01)
+    g = torch.Generator(device).manual_seed(r.seed)
+    Loop("unet-refine", work / "unet_refine.state.safetensors", r, {"unet": unet, "ema": ema}, {"opt": opt},
+         {"data": g}, settings.checkpoint_every).run(
+             make_step(r, opt, g, settings.unet_refine_min_snr_gamma, s.steps), resume)
     return ema.eval()
 
 

@@ -5,7 +5,8 @@ Layout of a world folder (``paths.world_dir()``)::
     classifier/        config.json + model.safetensors  (style/object judge, FID features)
     clip/              a transformers CLIPModel folder + CLIPImageProcessor + CLIPTokenizer (MiniCLIP)
     sd/                a diffusers StableDiffusionPipeline folder (MiniSD)
-    gan/               generator.safetensors (MiniGAN, StyleGAN2)
+    soup_base/         Diffusion Soup's base: a MiniSD UNet trained without the soup shards' styles (soup.py)
+    gan/               generator.safetensors (MiniGAN g_ema, StyleGAN2) + discriminator.safetensors (its D)
     build_info.json    settings, device, versions and wall time of every stage
 
 Each stage's folder is written under a temporary name and renamed into place when complete; training
@@ -27,7 +28,8 @@ import torch
 from .models import TEXT_MAX_LENGTH, MiniClassifier, projected
 from .paths import world_dir
 
-STAGES = ("classifier", "clip", "sd", "gan")
+STAGES = ("classifier", "clip", "sd", "soup", "gan")
+STAGE_FOLDERS = {"soup": "soup_base"}  # a stage's folder, where it is not the stage's name
 SHARD_SIZE = "6MB"  # shipped weight files stay small (the UNet is sharded)
 DEFAULT_WORK_DIR = Path(".world-build")
 
@@ -168,16 +170,35 @@ def build(
             )
             pipe.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
             _load_as_fp32(tmp / "text_encoder" / "config.json")
+        elif stage == "soup":
+            from .soup import save_soup_base, train_soup_base
+
+            if not (root / "sd" / "model_index.json").is_file():
+                from erasure.errors import UserError
+
+                raise UserError(f"the soup stage needs MiniSD's VAE and text encoder: build the sd stage into "
+                                f"{root} first (`erasure-studio world build --only sd`)")
+            minisd = load_minisd(device, root)
+            unet = train_soup_base(work, minisd.vae, minisd.text_encoder, minisd.tokenizer, minisd.unet.config,
+                                   settings, device, resume)
+            save_soup_base(_half(unet), tmp, settings, SHARD_SIZE)
         elif stage == "gan":
             from ..minigan import train_minigan
             from ..stylegan2_io import save_generator_safetensors
             from .dataset import sample_images
 
+            from safetensors.torch import save_file
+
+            from ..minigan import load_training_checkpoint_discriminator_state
+
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
                                   seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
-                                  checkpoint_every=settings.checkpoint_every)
+                                  channels=settings.gan_channels, checkpoint_every=settings.checkpoint_every)
             save_generator_safetensors(g_ema, tmp / "generator.safetensors", dtype=torch.float16)
-        _publish(tmp, root / stage)
+            d_state = load_training_checkpoint_discriminator_state(work / "gan")
+            save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in d_state.items()},
+                      str(tmp / "discriminator.safetensors"))
+        _publish(tmp, root / STAGE_FOLDERS.get(stage, stage))
         info["stages"][stage] = {"seconds": round(time.time() - t0, 1), "device": device,
                                  "settings": settings.model_dump(), "versions": _versions()}
         tmp_info = info_path.with_suffix(".json.tmp")

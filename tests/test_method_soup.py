@@ -27,7 +27,7 @@ def soup_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny world with its soup base built by ``world.build(only=["soup"])``, every rendered label recorded."""
     from tiny_world import build_tiny_world
 
-    from generators.minicanvas import dataset, world
+    from generators.minicanvas import dataset, train, world
     from generators.minicanvas.train import StageSettings, WorldSettings
 
     base = tmp_path_factory.mktemp("soup")
@@ -43,6 +43,7 @@ def soup_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dataset, "render", recording_render)
+        patch.setattr(train, "render", recording_render)  # the shared UNet trainer's reference
         info = world.build(only=["soup"], out_dir=root, work_dir=base / "work", settings=settings)
     return {"root": root, "work": base / "work", "info": info, "rendered": rendered, "tmp": base}
 

@@ -16,13 +16,11 @@ published ``sd/`` folder (so ``sd`` must be built first); only its UNet is shipp
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .concepts import STYLES
 from .paths import world_dir
@@ -50,52 +48,19 @@ def train_soup_base(work: Path, vae, text_encoder, tokenizer, unet_config: dict[
     ``unet_config`` is the architecture (MiniSD's UNet config, so the soup's UNets load into MiniSD's pipeline).
     Every training step draws its labels among the base styles only (``sample_labels(..., styles=...)``).
     """
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    from .dataset import render, sample_labels
-    from .train import Loop, PromptTable, sd_noise_schedule
+    from .train import Loop, UNetTrainer
 
     s = settings.soup_base
     allowed = [STYLES.index(name) for name in base_style_names(settings.soup_shards)]
     torch.manual_seed(s.seed)
     unet = UNet2DConditionModel.from_config(dict(unet_config)).to(device)
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    trainer = UNetTrainer(unet, vae, text_encoder, tokenizer, settings, device)
+    ema = trainer.ema
     opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=0.01)
-    scheduler = DDPMScheduler(**sd_noise_schedule())
     g = torch.Generator(device).manual_seed(s.seed)
-    vae, text_encoder = vae.to(device).eval(), text_encoder.to(device).eval()
-    table = PromptTable(tokenizer, device)
-    with torch.no_grad():  # every caption's embedding, once: the text encoder is frozen
-        embeddings = torch.cat([
-            text_encoder(table.input_ids[i : i + 256], attention_mask=None).last_hidden_state
-            for i in range(0, len(table.prompts), 256)
-        ])
-    alphas = scheduler.alphas_cumprod.to(device)
-    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
-    unet.train()
-
-    def step_fn(step: int) -> float:
-        st, ob = sample_labels(s.batch, g, styles=allowed)
-        x = render(st, ob, g)
-        with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
-        idx = table.sample(st, ob, g)
-        drop = torch.rand(idx.shape, generator=g, device=device) < settings.unet_cfg_dropout
-        idx = torch.where(drop, torch.full_like(idx, table.empty_index), idx)
-        noise = torch.randn(latents.shape, generator=g, device=device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (s.batch,), generator=g, device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(noisy, t, embeddings[idx]).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(settings.unet_ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
-        return loss.item()
-
+    step_fn = trainer.step_fn(s, opt, g, styles=allowed)
     Loop("soup-base", work / "soup_base.state.safetensors", s, {"unet": unet, "ema": ema}, {"opt": opt},
          {"data": g}, settings.checkpoint_every).run(step_fn, resume)
     return ema.eval()

@@ -350,63 +350,81 @@ def text_encoder_from_clip(clip):
     return te.eval().requires_grad_(False)
 
 
-def train_unet(work: Path, vae, text_encoder, tokenizer, settings: WorldSettings, device: str,
-               resume: bool = True):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+class UNetTrainer:
+    """MiniSD's denoising training, shared by the UNet's phases and the soup base: epsilon-MSE (optionally Min-SNR
+    weighted) on freshly rendered MiniCanvas images encoded by the frozen VAE, captions from :class:`PromptTable`
+    embedded once by the frozen text encoder, classifier-free-guidance dropout, gradient clipping and an EMA."""
 
-    s = settings.unet
-    torch.manual_seed(s.seed)
-    unet = UNet2DConditionModel(**unet_config()).to(device)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = DDPMScheduler(**sd_noise_schedule())
-    vae, text_encoder = vae.to(device).eval(), text_encoder.to(device).eval()
-    table = PromptTable(tokenizer, device)
-    with torch.no_grad():  # every caption's embedding, once: the text encoder is frozen
-        embeddings = torch.cat([
-            text_encoder(table.input_ids[i : i + 256], attention_mask=None).last_hidden_state
-            for i in range(0, len(table.prompts), 256)
-        ])
-    alphas = scheduler.alphas_cumprod.to(device)
-    snr = alphas / (1 - alphas)
-    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
-    unet.train()
+    def __init__(self, unet, vae, text_encoder, tokenizer, settings: WorldSettings, device: str):
+        from diffusers import DDPMScheduler
 
-    def make_step(s: StageSettings, opt: torch.optim.Optimizer, g: torch.Generator, min_snr_gamma: float | None,
-                  ema_offset: int):
+        self.unet, self.settings, self.device = unet, settings, device
+        self.ema = copy.deepcopy(unet).requires_grad_(False)
+        self.vae = vae.to(device).eval()
+        text_encoder = text_encoder.to(device).eval()
+        scheduler = DDPMScheduler(**sd_noise_schedule())
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.alphas = scheduler.alphas_cumprod.to(device)
+        self.snr = self.alphas / (1 - self.alphas)
+        self.table = PromptTable(tokenizer, device)
+        with torch.no_grad():  # every caption's embedding, once: the text encoder is frozen
+            self.embeddings = torch.cat([
+                text_encoder(self.table.input_ids[i : i + 256], attention_mask=None).last_hidden_state
+                for i in range(0, len(self.table.prompts), 256)
+            ])
+        unet.train()
+
+    def step_fn(self, s: StageSettings, opt: torch.optim.Optimizer, g: torch.Generator, *,
+                min_snr_gamma: float | None = None, ema_offset: int = 0, styles: list[int] | None = None):
+        """``step_fn(step) -> loss`` for a :class:`Loop`; ``styles`` restricts the training stream's styles."""
+        unet, vae, table, device = self.unet, self.vae, self.table, self.device
+        ema_params, unet_params = list(self.ema.parameters()), list(unet.parameters())
+
         def step_fn(step: int) -> float:
-            st, ob = sample_labels(s.batch, g)
+            st, ob = sample_labels(s.batch, g, styles=styles)
             x = render(st, ob, g)
             with torch.no_grad():
                 latents = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
             idx = table.sample(st, ob, g)
-            drop = torch.rand(idx.shape, generator=g, device=device) < settings.unet_cfg_dropout
+            drop = torch.rand(idx.shape, generator=g, device=device) < self.settings.unet_cfg_dropout
             idx = torch.where(drop, torch.full_like(idx, table.empty_index), idx)
             noise = torch.randn(latents.shape, generator=g, device=device)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (s.batch,), generator=g, device=device)
-            a = alphas[t].view(-1, 1, 1, 1)
+            t = torch.randint(0, self.num_train_timesteps, (s.batch,), generator=g, device=device)
+            a = self.alphas[t].view(-1, 1, 1, 1)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-            pred = unet(noisy, t, embeddings[idx]).sample
+            pred = unet(noisy, t, self.embeddings[idx]).sample
             per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
             if min_snr_gamma is not None:  # Min-SNR-gamma weighting for epsilon prediction (Hang et al. 2023)
-                per_sample = per_sample * snr[t].clamp(max=min_snr_gamma) / snr[t]
+                per_sample = per_sample * self.snr[t].clamp(max=min_snr_gamma) / self.snr[t]
             loss = per_sample.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             opt.step()
             k = ema_offset + step
-            decay = min(settings.unet_ema_decay, (1 + k) / (10 + k))
+            decay = min(self.settings.unet_ema_decay, (1 + k) / (10 + k))
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
             return loss.item()
 
         return step_fn
 
+
+def train_unet(work: Path, vae, text_encoder, tokenizer, settings: WorldSettings, device: str,
+               resume: bool = True):
+    from diffusers import UNet2DConditionModel
+
+    s = settings.unet
+    torch.manual_seed(s.seed)
+    unet = UNet2DConditionModel(**unet_config()).to(device)
+    trainer = UNetTrainer(unet, vae, text_encoder, tokenizer, settings, device)
+    ema = trainer.ema
+
     # Phase 1: plain epsilon-MSE, cosine schedule.
     opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=0.01)
     g = torch.Generator(device).manual_seed(s.seed)
     Loop("unet", work / "unet.state.safetensors", s, {"unet": unet, "ema": ema}, {"opt": opt}, {"data": g},
-         settings.checkpoint_every).run(make_step(s, opt, g, None, 0), resume)
+         settings.checkpoint_every).run(trainer.step_fn(s, opt, g), resume)
 
     # Phase 2: warm restart with Min-SNR weighting; the EMA carries on from phase 1.
     r = settings.unet_refine
@@ -414,7 +432,8 @@ def train_unet(work: Path, vae, text_encoder, tokenizer, settings: WorldSettings
     g = torch.Generator(device).manual_seed(r.seed)
     Loop("unet-refine", work / "unet_refine.state.safetensors", r, {"unet": unet, "ema": ema}, {"opt": opt},
          {"data": g}, settings.checkpoint_every).run(
-             make_step(r, opt, g, settings.unet_refine_min_snr_gamma, s.steps), resume)
+             trainer.step_fn(r, opt, g, min_snr_gamma=settings.unet_refine_min_snr_gamma, ema_offset=s.steps),
+             resume)
     return ema.eval()
 
 

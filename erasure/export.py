@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from erasure.errors import UserError
-from erasure.runs import open_finished_run, read_run_config, read_run_weights
+from erasure.runs import open_finished_run, read_run_config, read_run_weights, remove_stale_partials
 from generators.loading import backbone_components
 from generators.registry import resolve_backbone
 
@@ -58,6 +58,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, overwrite: bool = Fals
                 f"{', '.join(result.unexpected_keys[:5])}"
             )
 
+    remove_stale_partials(out)  # left by an export that was killed
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"

@@ -42,7 +42,11 @@ def job_fingerprint(method: str, params: MethodParams, target: Target, ctx: RunC
 
 
 class TrainingCheckpoints:
-    """Restore (:meth:`resume`) and write (:meth:`step_done`) the state of one training loop."""
+    """Restore (:meth:`resume`) and write (:meth:`step_done`) the state of one training loop.
+
+    ``history`` maps names to the lists a loop appends its per-step scalars to; they are checkpointed with the
+    model and refilled on resume.
+    """
 
     def __init__(
         self,
@@ -52,12 +56,16 @@ class TrainingCheckpoints:
         modules: dict[str, nn.Module],
         optimizers: dict[str, torch.optim.Optimizer] | None = None,
         generators: dict[str, torch.Generator] | None = None,
+        history: dict[str, list[float]] | None = None,
     ) -> None:
         self.ctx = ctx
         self.fingerprint = fingerprint
         self.modules = dict(modules)
         self.optimizers = dict(optimizers or {})
         self.generators = dict(generators or {})
+        # Per-step scalars (losses) the method reports at the end: saved with each checkpoint and restored in
+        # place on resume, so a resumed job's final metrics cover the whole run, not only the steps after it.
+        self.history = history if history is not None else {}
         self.path = ctx.checkpoint_dir / CHECKPOINT_FILE
 
     def resume(self) -> int:
@@ -71,6 +79,9 @@ class TrainingCheckpoints:
             self.path, modules=self.modules, optimizers=self.optimizers, generators=self.generators
         )
         step = int(meta["step"])
+        saved = meta.get("extra", {}).get("history", {})
+        for key, values in self.history.items():
+            values[:] = [float(v) for v in saved.get(key, [])]
         self.ctx.log(f"resumed from checkpoint at step {step}")
         return step
 
@@ -83,7 +94,7 @@ class TrainingCheckpoints:
                 modules=self.modules,
                 optimizers=self.optimizers,
                 generators=self.generators,
-                extra={"fingerprint": self.fingerprint},
+                extra={"fingerprint": self.fingerprint, "history": self.history},
             )
 
 

@@ -11,7 +11,8 @@ Layout of a finished run::
 
 A run is written under a hidden sibling name ``.<name>.partial-<pid>`` and renamed to its final name only when
 complete, so a folder named like a run that holds ``metrics.json`` is always a finished run. A failed run's
-partial folder is removed. Resumable checkpoints go to ``.<name>.checkpoints`` next to it: kept when the run
+partial folder is removed, and one left by a killed process is swept by the next run aimed at the same
+destination. Resumable checkpoints go to ``.<name>.checkpoints`` next to it: kept when the run
 fails, removed when it succeeds.
 """
 
@@ -56,6 +57,30 @@ def checkpoint_dir_for(dest: Path) -> Path:
     return dest.parent / f".{dest.name}.checkpoints"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_partials(dest: Path) -> list[Path]:
+    """Remove ``.<name>.partial-<pid>`` folders whose writer process is gone (a SIGKILLed job); return them.
+
+    A live writer's folder is never touched, so two jobs aimed at the same destination do not disturb each other.
+    """
+    removed = []
+    for partial in dest.parent.glob(f".{dest.name}.partial-*"):
+        pid = partial.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    return removed
+
+
 def check_destination(dest: Path, overwrite: bool) -> None:
     """Refuse (UserError) to write a run where one already is, unless ``overwrite``; never replace other data."""
     if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
@@ -90,6 +115,7 @@ class RunWriter:
         """Create the partial folder; remove it again if the block raises or does not :meth:`commit`."""
         dest = Path(dest)
         check_destination(dest, overwrite)
+        remove_stale_partials(dest)
         writer = cls(dest, overwrite)
         if writer.path.exists():
             shutil.rmtree(writer.path)

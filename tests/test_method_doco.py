@@ -184,6 +184,7 @@ def test_killed_doco_job_resumes_bit_identical(pipeline, tmp_path) -> None:
     assert resumed_from[0] == 5  # steps 1-4 came from the checkpoint (discriminator and both optimisers too)
     for name, tensor in uninterrupted.changed["unet"].items():
         assert torch.equal(tensor, resumed.changed["unet"][name]), name
+    assert resumed.metrics == uninterrupted.metrics  # loss means over the whole run, restored from the checkpoint
 
 
 def test_warm_up_trains_only_the_discriminator(pipeline, tmp_path) -> None:

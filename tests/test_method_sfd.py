@@ -273,3 +273,4 @@ def test_killed_sfd_job_resumes_bit_identical(pipe, tmp_path) -> None:
     for name, tensor in uninterrupted.changed["unet"].items():
         assert torch.equal(tensor, resumed.changed["unet"][name]), name
     assert torch.equal(resumed.changed["one_step"]["t_init"], torch.tensor([500]))
+    assert resumed.metrics == uninterrupted.metrics  # loss means over the whole run, restored from the checkpoint

@@ -283,6 +283,8 @@ def test_killed_esd_job_resumes_bit_identical(pipelines, tmp_path) -> None:
     assert resumed_from[0] == 5  # steps 1-4 came from the checkpoint
     for name, tensor in uninterrupted.changed["unet"].items():
         assert torch.equal(tensor, resumed.changed["unet"][name]), name
+    # The loss history is checkpointed too: the resumed run reports the same losses, not only those after step 4.
+    assert resumed.metrics["final_loss"] == uninterrupted.metrics["final_loss"]
 
 
 def test_a_checkpoint_of_another_job_is_ignored(pipelines, tmp_path) -> None:

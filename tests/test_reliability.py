@@ -45,6 +45,7 @@ from erasure.cli import INTERRUPTED_EXIT_CODE, app
 from erasure.config import load_job_config, validate_job
 from erasure.errors import ConfigError, UserError
 from erasure.registry import list_methods, register_method, unregister_method
+from erasure.runs import remove_stale_partials
 from generators.minicanvas.paths import WORLD_ENV_VAR
 
 TESTS = Path(__file__).resolve().parent
@@ -610,6 +611,8 @@ def test_killed_and_interrupted_job_resumes_bit_identical(tmp_path: Path, world:
     first = checkpoint_step(checkpoint)
     assert first is not None and first >= 2
     assert not (interrupted / "runs" / "job").exists() and finished_runs(interrupted) == []
+    killed_partial = interrupted / "runs" / f".job.partial-{process.pid}"
+    assert (killed_partial / "log.txt").is_file()  # a killed process cannot clean up; the next run sweeps it
 
     # 2. The same command resumes; SIGINT once it has checkpointed again: a message, exit code 130, nothing kept
     #    but the checkpoint.
@@ -618,6 +621,7 @@ def test_killed_and_interrupted_job_resumes_bit_identical(tmp_path: Path, world:
     wait_for(lambda: (checkpoint_step(checkpoint) or 0) > first, process, "a checkpoint after resuming")
     log = (partial / "log.txt").read_text()
     assert f"resumed from checkpoint at step {first}" in log
+    assert not killed_partial.exists()
     process.send_signal(signal.SIGINT)
     code, _, err = finish(process)
     assert code == INTERRUPTED_EXIT_CODE, err
@@ -636,6 +640,18 @@ def test_killed_and_interrupted_job_resumes_bit_identical(tmp_path: Path, world:
     assert weights_bytes(run) == reference
     assert not checkpoint.parent.exists()  # checkpoints are removed once the run is finished
     assert finished_runs(interrupted) == [run]
+
+
+def test_only_partial_folders_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    dest = tmp_path / "runs" / "job"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = dest.parent / f".job.partial-{int(finished.stdout)}"
+    alive = dest.parent / f".job.partial-{os.getppid()}"  # our parent is running
+    other = dest.parent / f".jobs.partial-{int(finished.stdout)}"  # another destination's
+    for folder in (dead, alive, other):
+        folder.mkdir(parents=True)
+    assert remove_stale_partials(dest) == [dead]
+    assert not dead.exists() and alive.is_dir() and other.is_dir()
 
 
 @pytest.fixture(scope="module")

@@ -174,17 +174,18 @@ class AdvUnlearn(ErasureMethod):
         generator = torch.Generator().manual_seed(ctx.seed + 1)
         dim = text_encoder.get_input_embeddings().weight.shape[1]
         adversary = _Adversary(params.adv_tokens, dim).to(unet.device)
+        losses: list[float] = []
         checkpoints = TrainingCheckpoints(
             ctx,
             job_fingerprint(self.name, params, target, ctx),
             modules={"trained": ParameterSubset(trained), "adversary": adversary},
             optimizers={"adam": optimizer},
             generators={"train": generator},
+            history={"loss": losses},
         )
         components = SimpleNamespace(
             tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler
         )
-        losses: list[float] = []
         for step in range(checkpoints.resume() + 1, params.iterations + 1):
             if (step - 1) % params.attack_every == 0:  # a new round: a concept prompt, and an attack on it
                 first = int(torch.randint(bank.num_trajectories, (1,), generator=generator))

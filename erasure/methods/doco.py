@@ -296,14 +296,15 @@ class DoCo(ErasureMethod):
         names = list(trained)
         optimizer = torch.optim.Adam(trained.values(), lr=params.lr)
         generator = torch.Generator().manual_seed(ctx.seed + 1)
+        history: dict[str, list[float]] = {"d_loss": [], "g_loss": [], "retain_loss": [], "projected": []}
         checkpoints = TrainingCheckpoints(
             ctx,
             job_fingerprint(self.name, params, target, ctx),
             modules={"trained": ParameterSubset(trained), "discriminator": discriminator},
             optimizers={"unet": optimizer, "discriminator": disc_opt},
             generators={"train": generator},
+            history=history,
         )
-        history: dict[str, list[float]] = {"d_loss": [], "g_loss": [], "retain_loss": [], "projected": []}
         for step in range(checkpoints.resume() + 1, params.iterations + 1):
             latents, timesteps, index, anchor_out, _ = bank.draw(params.batch_size, generator)
             real = predicted_x0(scheduler, latents, anchor_out, timesteps).float()

@@ -141,14 +141,15 @@ class ESD(ErasureMethod):
         trained = train_only(unet, unet_parameter_names(unet, params.train_method))
         optimizer = torch.optim.Adam(trained.values(), lr=params.lr)
         generator = torch.Generator().manual_seed(ctx.seed + 1)
+        losses: list[float] = []
         checkpoints = TrainingCheckpoints(
             ctx,
             job_fingerprint(self.name, params, target, ctx),
             modules={"trained": ParameterSubset(trained)},
             optimizers={"adam": optimizer},
             generators={"train": generator},
+            history={"loss": losses},
         )
-        losses: list[float] = []
         for step in range(checkpoints.resume() + 1, params.iterations + 1):
             if trajectories is not None:
                 latents, timesteps, index, cond_out, uncond_out = trajectories.draw(

@@ -152,16 +152,17 @@ class SalUn(ErasureMethod):
         masks = self._saliency_mask(unet, scheduler, trained, forget, embeddings, forget_rows, params, ctx)
         optimizer = torch.optim.Adam(trained.values(), lr=params.lr)
         generator = torch.Generator().manual_seed(ctx.seed + 1)
+        losses: list[float] = []
         checkpoints = TrainingCheckpoints(
             ctx,
             job_fingerprint(self.name, params, target, ctx),
             modules={"trained": ParameterSubset(trained)},
             optimizers={"adam": optimizer},
             generators={"train": generator},
+            history={"loss": losses},
         )
         steps_per_epoch = math.ceil(len(forget) / params.batch_size)
         total = params.epochs * steps_per_epoch
-        losses: list[float] = []
         for step in range(checkpoints.resume() + 1, total + 1):
             forget_batch = self._batch(len(forget), step - 1, params.batch_size, ctx.seed, "forget")
             retain_batch = self._batch(len(retain), step - 1, params.batch_size, ctx.seed, "retain")

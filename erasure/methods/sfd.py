@@ -340,12 +340,14 @@ class SFD(ErasureMethod):
         opt_fake = torch.optim.Adam(fake.parameters(), lr=params.lr_fake, betas=(0.0, 0.999), eps=1e-8)
         opt_warm = torch.optim.Adam(generator_net.parameters(), lr=params.warmup_lr)  # its own moments
         rng = torch.Generator().manual_seed(ctx.seed + 1)
+        losses: dict[str, list[float]] = {"warmup": [], "g": [], "fake": []}
         checkpoints = TrainingCheckpoints(
             ctx,
             job_fingerprint(self.name, params, target, ctx),
             modules={"generator": generator_net, "fake": fake},
             optimizers={"g": opt_g, "fake": opt_fake, "warm": opt_warm},
             generators={"train": rng},
+            history=losses,
         )
         done = checkpoints.resume()
         total = params.warmup_steps + params.iterations
@@ -354,7 +356,6 @@ class SFD(ErasureMethod):
         if done < params.warmup_steps:
             warm = self._warm_start_data(pipe, teacher, prompts, params, ctx)
         uncond = prompts.empty.to(device)
-        losses: dict[str, list[float]] = {"warmup": [], "g": [], "fake": []}
 
         for step in range(done + 1, total + 1):
             if step <= params.warmup_steps:

@@ -350,10 +350,10 @@ class DiffusionSoup(ErasureMethod):
         opt = torch.optim.AdamW(unet.parameters(), lr=params.lr, weight_decay=0.01)
         g = torch.Generator().manual_seed(ctx.seed * 1_000 + j)
         shard_ctx = dataclasses.replace(ctx, checkpoint_dir=ctx.checkpoint_dir / f"shard_{j}")
-        checkpoints = TrainingCheckpoints(shard_ctx, key, modules={"unet": unet}, optimizers={"adamw": opt},
-                                          generators={"data": g})
-        b = params.batch_size
         losses: list[float] = []
+        checkpoints = TrainingCheckpoints(shard_ctx, key, modules={"unet": unet}, optimizers={"adamw": opt},
+                                          generators={"data": g}, history={"loss": losses})
+        b = params.batch_size
         first = checkpoints.resume() + 1
         for step in range(first, params.shard_steps + 1):
             for group in opt.param_groups:

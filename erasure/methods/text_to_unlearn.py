@@ -356,14 +356,15 @@ class TextToUnlearn(ErasureMethod):
             ratio = 4 / 5
             optimizer = torch.optim.Adam(trainable.values(), lr=params.lr * ratio, betas=(0.0, 0.99**ratio))
             loop = torch.Generator().manual_seed(ctx.seed * 7919 + 7)
+            history: list[float] = []
             checkpoints = TrainingCheckpoints(
                 ctx,
                 job_fingerprint(self.name, params, target, ctx),
                 modules={"trained": ParameterSubset(trainable)},
                 optimizers={"adam": optimizer},
                 generators={"loop": loop},
+                history={"direction": history},
             )
-            history: list[float] = []
             for step in range(checkpoints.resume() + 1, params.iterations + 1):
                 logs = self._step(
                     trained, frozen, clip, forget_z, retain_z, direction, params, optimizer, loop

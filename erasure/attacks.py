@@ -59,9 +59,12 @@ def build_prefix_prompt(tokenizer: Any, prompt: str, k: int) -> PrefixPrompt:
     length = int(tokenizer.model_max_length)
     if not 0 < k < length - 2:
         raise ValueError(f"k must be in [1, {length - 3}] for a context of {length} tokens, got {k}")
-    ids = tokenizer(prompt, padding="max_length", max_length=length - k, truncation=True,
-                    return_tensors="pt").input_ids
-    slot = torch.full((1, k), int(ids[0, 0]), dtype=ids.dtype)  # placeholder ids; their embeddings are replaced
+    ids = tokenizer(
+        prompt, padding="max_length", max_length=length - k, truncation=True, return_tensors="pt"
+    ).input_ids
+    slot = torch.full(
+        (1, k), int(ids[0, 0]), dtype=ids.dtype
+    )  # placeholder ids; their embeddings are replaced
     return PrefixPrompt(torch.cat([ids[:, :1], slot, ids[:, 1:]], dim=1), k)
 
 
@@ -100,7 +103,9 @@ def init_prefix(text_encoder: Any, k: int, generator: torch.Generator | None = N
     return weight.detach()[ids.to(weight.device)].float().clone()
 
 
-def noised(scheduler: Any, latents: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def noised(
+    scheduler: Any, latents: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(x_t, t, eps)``: clean latents noised at a random training timestep each (DDPM forward process)."""
     n = latents.shape[0]
     alphas = scheduler.alphas_cumprod

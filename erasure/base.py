@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from erasure.speed import SpeedConfig
+
 if TYPE_CHECKING:
     from erasure.config import Target
 
@@ -65,6 +67,8 @@ class RunContext:
     """Append one line to the run's log.txt."""
     anchor: Target | None = None
     """The job's optional anchor concept: what methods that map the target onto another concept map it to."""
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """The job's speed switches (:mod:`erasure.speed`); methods with frozen-model caches honour ``speed.reuse``."""
     backbone_path: Path | None = None
     """The resolved backbone's files (a pipeline folder or a generator checkpoint), when known: lets GAN methods
     read what the loaded generator does not carry (a rosinality checkpoint's ``d``, ``g`` and optimiser states)."""

@@ -134,23 +134,32 @@ def erase(
 def evaluate(
     source: Annotated[
         str | None,
-        typer.Argument(help="Run folder, backbone (minicanvas-sd, a pipeline folder, a checkpoint) or job config.",
-                       show_default=False),
+        typer.Argument(
+            help="Run folder, backbone (minicanvas-sd, a pipeline folder, a checkpoint) or job config.",
+            show_default=False,
+        ),
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", metavar="MODEL", help="minicanvas-sd | PATH | RUN (instead of SOURCE).")
+        str | None,
+        typer.Option("--model", metavar="MODEL", help="minicanvas-sd | PATH | RUN (instead of SOURCE)."),
     ] = None,
     suite: Annotated[
-        list[str] | None, typer.Option("--suite", metavar="NAME", help="Suite to run (repeatable): canvas, hub, gan.")
+        list[str] | None,
+        typer.Option("--suite", metavar="NAME", help="Suite to run (repeatable): canvas, hub, gan."),
     ] = None,
     tier: Annotated[str | None, typer.Option("--tier", help="smoke, quick or full [default: quick].")] = None,
     target: Annotated[
-        str | None, typer.Option("--target", metavar="KIND:NAME", help="style:NAME or object:NAME (a run's own "
-                                 "target by default).")
+        str | None,
+        typer.Option(
+            "--target", metavar="KIND:NAME", help="style:NAME or object:NAME (a run's own target by default)."
+        ),
     ] = None,
-    json_file: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Also write the report here.")] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Also write the report here.")
+    ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", metavar="DIR", help="Also write the report to DIR/evaluation.json.")
+        Path | None,
+        typer.Option("--out", metavar="DIR", help="Also write the report to DIR/evaluation.json."),
     ] = None,
     set_: SetOpt = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = None,
@@ -158,21 +167,32 @@ def evaluate(
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", metavar="DIR", help="Generation cache folder.")
     ] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Generate everything afresh; store nothing.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Generate everything afresh; store nothing.")
+    ] = False,
     style_classifier: Annotated[
-        Path | None, typer.Option("--style-classifier", metavar="FILE", help="unlearncanvas: style ViT checkpoint.")
+        Path | None,
+        typer.Option("--style-classifier", metavar="FILE", help="unlearncanvas: style ViT checkpoint."),
     ] = None,
     object_classifier: Annotated[
-        Path | None, typer.Option("--object-classifier", metavar="FILE", help="unlearncanvas: object ViT checkpoint.")
+        Path | None,
+        typer.Option("--object-classifier", metavar="FILE", help="unlearncanvas: object ViT checkpoint."),
     ] = None,
     inception_weights: Annotated[
-        Path | None, typer.Option("--inception-weights", metavar="FILE", help="unlearncanvas: torchvision "
-                                  "inception_v3 state dict for FID.")
+        Path | None,
+        typer.Option(
+            "--inception-weights",
+            metavar="FILE",
+            help="unlearncanvas: torchvision inception_v3 state dict for FID.",
+        ),
     ] = None,
     real_images: Annotated[
-        Path | None, typer.Option("--real-images", metavar="DIR", help="unlearncanvas: dataset <style>/<object>/<i>.jpg.")
+        Path | None,
+        typer.Option("--real-images", metavar="DIR", help="unlearncanvas: dataset <style>/<object>/<i>.jpg."),
     ] = None,
-    clip: Annotated[Path | None, typer.Option("--clip", metavar="DIR", help="unlearncanvas: local CLIP folder.")] = None,
+    clip: Annotated[
+        Path | None, typer.Option("--clip", metavar="DIR", help="unlearncanvas: local CLIP folder.")
+    ] = None,
 ) -> None:
     """Evaluate a run or a backbone with evaluation suites; prints the report as JSON (progress on stderr)."""
     from erasure.io import atomic_write_json
@@ -180,10 +200,21 @@ def evaluate(
 
     check_output_paths(json_file, out)
     options = EvaluateOptions(
-        source=source, model=model, suites=list(suite or []), tier=tier, target=target, device=device,
-        protocol=protocol, overrides=list(set_ or []), cache_dir=cache_dir, no_cache=no_cache,
-        style_classifier=style_classifier, object_classifier=object_classifier,
-        inception_weights=inception_weights, real_images=real_images, clip=clip,
+        source=source,
+        model=model,
+        suites=list(suite or []),
+        tier=tier,
+        target=target,
+        device=device,
+        protocol=protocol,
+        overrides=list(set_ or []),
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        style_classifier=style_classifier,
+        object_classifier=object_classifier,
+        inception_weights=inception_weights,
+        real_images=real_images,
+        clip=clip,
     )
     report = run_evaluate(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(report, indent=2))

@@ -29,6 +29,7 @@ from erasure.devices import check_device
 from erasure.errors import ConfigError
 from erasure.overrides import Override, apply_overrides, parse_override
 from erasure.registry import get_method, list_methods, method_choices
+from erasure.speed import SpeedConfig
 from erasure.yamlfile import MAX_NESTING, dump_yaml, load_mapping, too_deep
 from evaluate.registry import list_suites, suite_choices
 from generators.registry import Backbone, resolve_backbone
@@ -137,6 +138,7 @@ class JobConfig(StrictModel):
     anchor: Target | None = None
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     checkpoint_every: int = Field(50, ge=1, strict=True)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
 
     @field_validator("name")
     @classmethod
@@ -227,7 +229,9 @@ def load_job_config(path: str | Path, overrides: list[str] | None = None) -> Job
         parsed = [parse_override(raw) for raw in overrides or []]
         for override in parsed:
             if too_deep([override.value], MAX_NESTING - len(override.path)):
-                raise ConfigError(f"--set {override.shown}: the value is nested too deeply or refers to itself")
+                raise ConfigError(
+                    f"--set {override.shown}: the value is nested too deeply or refers to itself"
+                )
         data = apply_overrides(data, parsed)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

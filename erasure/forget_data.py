@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from erasure.text_embeddings import PromptEmbeddings
-from erasure.trajectory import ddim_scheduler, initial_noise, sample_trajectories
+from erasure.trajectory import (
+    AnyTrajectories,
+    ddim_scheduler,
+    initial_noise,
+    partial_trajectories,
+    sample_trajectories,
+)
 
 if TYPE_CHECKING:
     from erasure.config import Target
@@ -204,6 +210,25 @@ def spread(n: int, num_prompts: int, generator: torch.Generator) -> torch.Tensor
     """Prompt indices for ``n`` samples: every prompt equally often (up to one), in a seeded random order."""
     order = torch.randperm(num_prompts, generator=generator)
     return order[torch.arange(n) % num_prompts]
+
+
+def prompt_trajectories(
+    teacher,
+    scheduler,
+    prompts: PromptEmbeddings,
+    n: int,
+    guidance_scale: float,
+    generator: torch.Generator,
+    reuse: bool = True,
+) -> AnyTrajectories:
+    """``n`` partial-DDIM trajectories of the frozen ``teacher`` under ``prompts`` (every prompt equally often),
+    from noise drawn from ``generator``: sampled once and kept, or, with ``reuse=False`` (the reference path),
+    recomputed whenever a state is drawn (then ``teacher`` must stay frozen while the method trains)."""
+    noise = initial_noise(n, teacher, generator)
+    index = spread(n, len(prompts), generator)
+    return partial_trajectories(
+        teacher, scheduler, noise, prompts[index], prompts.empty, guidance_scale, index, reuse=reuse
+    )
 
 
 def generate_latents(

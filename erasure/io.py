@@ -89,7 +89,9 @@ def safe_torch_load(path: str | Path) -> Any:
         raise UserError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol N": the refusal says enough
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # "Detected pickle protocol N": the refusal says enough
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(

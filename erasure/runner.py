@@ -21,6 +21,7 @@ from erasure.envinfo import collect_env
 from erasure.errors import UserError
 from erasure.registry import get_method
 from erasure.runs import RunWriter, check_destination, checkpoint_dir_for
+from erasure.speed import apply_to_backbone, autocast
 from evaluate.api import check_suites, evaluate_erasure
 from evaluate.efficiency import Efficiency, folder_mb, measure_erasure
 from generators.loading import backbone_components, check_available, load_backbone
@@ -85,6 +86,7 @@ def _run_erase(
     _check_cancel(cancel)
     with _timed(timings, "load"):
         model = load_backbone(backbone, device, job.precision)
+        apply_to_backbone(model, job.speed)
     _check_cancel(cancel)
 
     with RunWriter.open(dest, overwrite) as run:
@@ -99,10 +101,11 @@ def _run_erase(
             progress=ProgressReporter(run.log, echo, hook=on_progress, cancel=cancel),
             log=run.log,
             anchor=job.anchor,
+            speed=job.speed,
             backbone_path=backbone.path,
         )
         efficiency = Efficiency()
-        with _timed(timings, "erase"), measure_erasure(device, efficiency):
+        with _timed(timings, "erase"), measure_erasure(device, efficiency), autocast(job.speed, device):
             result = method_cls().erase(model, job.target, job.method.params, ctx)
         _check_cancel(cancel)
         components = backbone_components(model)
@@ -120,8 +123,15 @@ def _run_erase(
             del model, components  # the suites evaluate a fresh copy with the saved tensors applied
             with _timed(timings, "evaluate"):
                 report = evaluate_erasure(
-                    backbone, result.changed, job.target, job.evaluate.suites, job.evaluate.tier,
-                    device=device, precision=job.precision, log=_echo_and_log(run.log, echo), seed=job.seed,
+                    backbone,
+                    result.changed,
+                    job.target,
+                    job.evaluate.suites,
+                    job.evaluate.tier,
+                    device=device,
+                    precision=job.precision,
+                    log=_echo_and_log(run.log, echo),
+                    seed=job.seed,
                 )
             metrics.update(report.results)
             timings.update({f"evaluate.{name}": seconds for name, seconds in report.seconds.items()})

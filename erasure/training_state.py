@@ -77,7 +77,7 @@ def load_training_state(
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["training_state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     for name, module in modules.items():
         prefix = f"module.{name}."
         sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -18,6 +18,8 @@ Two ways to get those latents:
   exactly once per state.
 * :func:`sample_until` runs one partial trajectory with the model being trained (the CompVis ESD code's choice),
   stopping after ``k`` steps.
+* :class:`RecomputedTrajectories` is the reference path of the first (``speed.reuse: false``): the same states,
+  drawn the same way, each recomputed from its noise by the frozen model whenever it is drawn.
 
 Model outputs are in the UNet's own parameterisation (``epsilon`` or ``v_prediction``, e.g. SD-2): guidance and
 the ESD target are affine combinations with weights summing to one, which commute with the affine map between
@@ -98,11 +100,13 @@ class Trajectories:
 
         Each state is a uniformly random trajectory at a uniformly random step index (``step`` fixes the index).
         """
-        p = torch.randint(self.num_trajectories, (n,), generator=generator)
-        if step is None:
-            k = torch.randint(self.num_steps, (n,), generator=generator)
-        else:
-            k = torch.full((n,), step, dtype=torch.long)
+        return self.states(*draw_states(self.num_trajectories, self.num_steps, n, generator, step))
+
+    def states(
+        self, p: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """States of trajectories ``p`` at step indices ``k``: ``(latents, timesteps, prompt_index, cond_out,
+        uncond_out)``."""
         return (
             self.latents[p, k],
             self.timesteps[k],
@@ -110,6 +114,112 @@ class Trajectories:
             self.cond_out[p, k],
             self.uncond_out[p, k],
         )
+
+    def clean(self, p: torch.Tensor) -> torch.Tensor:
+        """The clean latents trajectories ``p`` end at."""
+        return self.final[p]
+
+
+def draw_states(
+    num_trajectories: int, num_steps: int, n: int, generator: torch.Generator, step: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, k)``: ``n`` uniformly random trajectory indices and step indices (``step`` fixes the latter)."""
+    p = torch.randint(num_trajectories, (n,), generator=generator)
+    if step is None:
+        k = torch.randint(num_steps, (n,), generator=generator)
+    else:
+        k = torch.full((n,), step, dtype=torch.long)
+    return p, k
+
+
+class RecomputedTrajectories:
+    """The reference path of :class:`Trajectories` (``speed.reuse: false``): nothing is kept but the start noise
+    and the prompts; every requested state is sampled again from its noise by the frozen ``teacher`` (a partial
+    DDIM trajectory of ``k`` guided steps, as the CompVis ESD code does every iteration), and the teacher's
+    conditional and unconditional outputs there are computed again. Same interface, same maths and the same
+    random draws as the cached bank, at ~``k + 1`` guided teacher calls per state instead of none."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        scheduler,
+        noise: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        guidance_scale: float,
+        prompt_index: torch.Tensor,
+    ) -> None:
+        self.teacher = teacher
+        self.scheduler = scheduler
+        self.noise = noise
+        self.cond = cond
+        self.uncond = uncond
+        self.guidance_scale = guidance_scale
+        self.device = next(teacher.parameters()).device
+        self.timesteps = scheduler.timesteps.to(self.device)
+        self.prompt_index = prompt_index.to(self.device)
+
+    @property
+    def num_trajectories(self) -> int:
+        return self.noise.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    draw = Trajectories.draw
+
+    @torch.no_grad()
+    def states(
+        self, p: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = next(self.teacher.parameters()).dtype
+        latents = torch.cat(
+            [
+                sample_until(
+                    self.teacher, self.scheduler, self.noise[i : i + 1], self.cond[i : i + 1], self.uncond,
+                    self.guidance_scale, int(j),
+                )
+                for i, j in zip(p.tolist(), k.tolist(), strict=True)
+            ]
+        )  # fmt: skip
+        timesteps = self.timesteps[k.to(self.device)]
+        cond = self.cond[p].to(self.device, dtype)
+        uncond = self.uncond.to(self.device, dtype).unsqueeze(0).expand(len(p), -1, -1)
+        uncond_out, cond_out = predict(
+            self.teacher,
+            torch.cat([latents, latents]),
+            torch.cat([timesteps, timesteps]),
+            torch.cat([uncond, cond]),
+        ).chunk(2)
+        return latents, timesteps, self.prompt_index[p.to(self.device)], cond_out, uncond_out
+
+    @torch.no_grad()
+    def clean(self, p: torch.Tensor) -> torch.Tensor:
+        return sample_until(
+            self.teacher, self.scheduler, self.noise[p], self.cond[p], self.uncond, self.guidance_scale,
+            self.num_steps,
+        )  # fmt: skip
+
+
+def partial_trajectories(
+    teacher: nn.Module,
+    scheduler,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+    prompt_index: torch.Tensor,
+    reuse: bool = True,
+) -> Trajectories | RecomputedTrajectories:
+    """The partial DDIM trajectories of the frozen ``teacher`` from ``noise`` under ``cond``: sampled once and
+    kept (``reuse``, :func:`sample_trajectories`) or recomputed on demand (:class:`RecomputedTrajectories`).
+    With ``reuse=False`` the caller must pass a teacher that stays frozen while it trains (a copy)."""
+    if reuse:
+        return sample_trajectories(
+            teacher, scheduler, noise, cond, uncond, guidance_scale, prompt_index=prompt_index
+        )
+    return RecomputedTrajectories(teacher, scheduler, noise, cond, uncond, guidance_scale, prompt_index)
 
 
 @torch.no_grad()
@@ -188,3 +298,7 @@ def sample_until(
         out_u, out_c = predict(unet, torch.cat([x, x]), t, torch.cat([u, c])).chunk(2)
         x = scheduler.step(guided(out_u, out_c, guidance_scale), t, x, eta=0.0).prev_sample
     return x
+
+
+AnyTrajectories = Trajectories | RecomputedTrajectories
+"""What :func:`partial_trajectories` returns: kept or recomputed states behind one interface."""

@@ -59,7 +59,9 @@ def parse_yaml(text: str) -> Any:
     try:
         return yaml.load(text, Loader=ConfigLoader)  # ConfigLoader is a SafeLoader
     except RecursionError:  # PyYAML's composer recurses once per level of nesting
-        raise yaml.YAMLError(f"nested too deeply (at most {MAX_NESTING} levels of mappings and lists)") from None
+        raise yaml.YAMLError(
+            f"nested too deeply (at most {MAX_NESTING} levels of mappings and lists)"
+        ) from None
 
 
 def too_deep(data: Any, limit: int = MAX_NESTING) -> bool:
@@ -72,7 +74,9 @@ def too_deep(data: Any, limit: int = MAX_NESTING) -> bool:
     while stack:
         node, finished = stack.pop()
         key = id(node)
-        children = [c for c in (node.values() if isinstance(node, dict) else node) if isinstance(c, (dict, list))]
+        children = [
+            c for c in (node.values() if isinstance(node, dict) else node) if isinstance(c, (dict, list))
+        ]
         if finished:
             on_path.discard(key)
             depth_of[key] = 1 + max((depth_of[id(c)] for c in children), default=0)

@@ -9,10 +9,9 @@ comparisons and the generation cache exact.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -644,7 +644,9 @@ def test_killed_and_interrupted_job_resumes_bit_identical(tmp_path: Path, world:
 
 def test_only_partial_folders_of_dead_processes_are_swept(tmp_path: Path) -> None:
     dest = tmp_path / "runs" / "job"
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead = dest.parent / f".job.partial-{int(finished.stdout)}"
     alive = dest.parent / f".job.partial-{os.getppid()}"  # our parent is running
     other = dest.parent / f".jobs.partial-{int(finished.stdout)}"  # another destination's

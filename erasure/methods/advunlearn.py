@@ -41,15 +41,15 @@ from erasure.forget_data import (
     COCO_RETAIN_PROMPTS,
     PromptSource,
     concept_prompts,
+    prompt_trajectories,
     resolve_prompt_source,
-    spread,
 )
 from erasure.losses import esd_loss
 from erasure.param_sets import ParameterSubset, TextEncoderComponent, text_encoder_parameter_names, train_only
 from erasure.registry import register_method
 from erasure.resume import TrainingCheckpoints, job_fingerprint
 from erasure.text_embeddings import PromptEmbeddings, encode_ids, tokenize
-from erasure.trajectory import Trajectories, ddim_scheduler, initial_noise, predict, sample_trajectories
+from erasure.trajectory import AnyTrajectories, ddim_scheduler, predict
 
 if TYPE_CHECKING:
     from erasure.config import Target
@@ -158,9 +158,12 @@ class AdvUnlearn(ErasureMethod):
         retain = PromptEmbeddings(tokenizer, text_encoder, retain_words)
         scheduler = ddim_scheduler(pipe.scheduler.config, params.ddim_steps, unet.device)
         setup = torch.Generator().manual_seed(ctx.seed)
-        bank = self._bank(unet, scheduler, concept, params.trajectories, params.start_guidance, setup)
-        retain_bank = self._bank(
-            unet, scheduler, retain, params.retain_trajectories, params.start_guidance, setup
+        # The UNet stays frozen here, so the reference path (reuse off) recomputes states with it directly.
+        bank = prompt_trajectories(
+            unet, scheduler, concept, params.trajectories, params.start_guidance, setup, ctx.speed.reuse
+        )
+        retain_bank = prompt_trajectories(
+            unet, scheduler, retain, params.retain_trajectories, params.start_guidance, setup, ctx.speed.reuse
         )
         ctx.log("advunlearn: sampled concept and retain trajectories with the frozen UNet")
         concept_ids = tokenize(tokenizer, words)
@@ -215,7 +218,7 @@ class AdvUnlearn(ErasureMethod):
                 torch.randint(len(by_prompt[word]), (params.batch_size,), generator=generator)
             ]
             k = torch.randint(bank.num_steps, (params.batch_size,), generator=generator)
-            latents, timesteps = bank.latents[states, k], bank.timesteps[k]
+            latents, timesteps, _, cond_out, uncond_out = bank.states(states, k)
             if attack is None:
                 cond = encode_ids(text_encoder, concept_ids[word : word + 1])
             else:
@@ -223,8 +226,8 @@ class AdvUnlearn(ErasureMethod):
             cond = cond.expand(params.batch_size, -1, -1)
             unlearn_loss = esd_loss(
                 predict(unet, latents, timesteps, cond),
-                bank.uncond_out[states, k],
-                bank.cond_out[states, k],
+                uncond_out,
+                cond_out,
                 params.negative_guidance,
             )
             loss = unlearn_loss
@@ -233,14 +236,11 @@ class AdvUnlearn(ErasureMethod):
                 # Retain prompts are sampled at the same DDIM step index as the concept (reference: same t_enc).
                 r = torch.randint(retain_bank.num_trajectories, (params.retain_batch,), generator=generator)
                 r_k = k[:1].expand(params.retain_batch)
-                r_prompt = retain_bank.prompt_index.cpu()[r]
+                r_latents, r_timesteps, r_prompt, r_frozen_out, _ = retain_bank.states(r, r_k)
                 retain_out = predict(
-                    unet,
-                    retain_bank.latents[r, r_k],
-                    retain_bank.timesteps[r_k],
-                    encode_ids(text_encoder, retain_ids[r_prompt]),
+                    unet, r_latents, r_timesteps, encode_ids(text_encoder, retain_ids[r_prompt.cpu()])
                 )
-                retain_loss = F.mse_loss(retain_out, retain_bank.cond_out[r, r_k])
+                retain_loss = F.mse_loss(retain_out, r_frozen_out)
                 loss = loss + params.retain_loss_weight * retain_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -263,19 +263,11 @@ class AdvUnlearn(ErasureMethod):
     # ------------------------------------------------------------------------------------------------- pieces
 
     @staticmethod
-    def _bank(unet, scheduler, prompts: PromptEmbeddings, n: int, guidance: float, generator) -> Trajectories:
-        noise = initial_noise(n, unet, generator)
-        index = spread(n, len(prompts), generator)
-        return sample_trajectories(
-            unet, scheduler, noise, prompts[index], prompts.empty, guidance, prompt_index=index
-        )
-
-    @staticmethod
     def _attack(
         components,
         word: str,
         word_embedding,
-        bank: Trajectories,
+        bank: AnyTrajectories,
         trajectories,
         adversary: _Adversary,
         params: AdvUnlearnParams,
@@ -283,7 +275,7 @@ class AdvUnlearn(ErasureMethod):
     ) -> None:
         """Optimise the prefix on ``word`` against the current text encoder; store it in ``adversary``."""
         unet = components.unet
-        clean = bank.final[trajectories[torch.randint(len(trajectories), (1,), generator=generator)]]
+        clean = bank.clean(trajectories[torch.randint(len(trajectories), (1,), generator=generator)])
         cond = word_embedding.unsqueeze(0)
 
         def teacher(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

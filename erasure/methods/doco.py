@@ -44,6 +44,7 @@ Each field documents the reference default; ours are sized for MiniCanvas on 2 C
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from typing import TYPE_CHECKING, Literal
@@ -58,15 +59,15 @@ from erasure.forget_data import (
     COCO_RETAIN_PROMPTS,
     PromptSource,
     concept_prompts,
+    prompt_trajectories,
     resolve_prompt_source,
-    spread,
 )
 from erasure.gradient_surgery import SurgeryForm, SurgeryScope, clip_total_norm, project_conflicting
 from erasure.param_sets import ParameterSubset, changed_tensors, train_only, unet_parameter_names
 from erasure.registry import register_method
 from erasure.resume import TrainingCheckpoints, job_fingerprint
 from erasure.text_embeddings import PromptEmbeddings
-from erasure.trajectory import Trajectories, ddim_scheduler, initial_noise, predict, sample_trajectories
+from erasure.trajectory import AnyTrajectories, ddim_scheduler, predict
 
 if TYPE_CHECKING:
     from erasure.config import Target
@@ -274,12 +275,17 @@ class DoCo(ErasureMethod):
 
         unet.requires_grad_(False)
         setup = torch.Generator().manual_seed(ctx.seed)
-        bank = self._bank(unet, scheduler, anchor_emb, params.trajectories, params.start_guidance, setup)
+        # The frozen model's trajectories: kept, or (reference path) recomputed by a frozen copy when drawn.
+        frozen = unet if ctx.speed.reuse else copy.deepcopy(unet)
+        bank = prompt_trajectories(
+            frozen, scheduler, anchor_emb, params.trajectories, params.start_guidance, setup, ctx.speed.reuse
+        )
         retain_bank = None
         if params.retain_batch > 0:
-            retain_bank = self._bank(
-                unet, scheduler, retain_emb, params.retain_trajectories, params.start_guidance, setup
-            )
+            retain_bank = prompt_trajectories(
+                frozen, scheduler, retain_emb, params.retain_trajectories, params.start_guidance, setup,
+                ctx.speed.reuse,
+            )  # fmt: skip
         ctx.log(
             f"doco: sampled anchor and retain trajectories x {params.ddim_steps} steps with the frozen UNet"
         )
@@ -390,15 +396,7 @@ class DoCo(ErasureMethod):
         return forget, anchored
 
     @staticmethod
-    def _bank(unet, scheduler, prompts: PromptEmbeddings, n: int, guidance: float, generator) -> Trajectories:
-        noise = initial_noise(n, unet, generator)
-        index = spread(n, len(prompts), generator)
-        return sample_trajectories(
-            unet, scheduler, noise, prompts[index], prompts.empty, guidance, prompt_index=index
-        )
-
-    @staticmethod
-    def _retain_gradient(unet, trained, bank: Trajectories, prompts: PromptEmbeddings, params, generator):
+    def _retain_gradient(unet, trained, bank: AnyTrajectories, prompts: PromptEmbeddings, params, generator):
         """Model-based prior preservation on retain states: ``MSE(eps_theta(x_r, c_r), sg[eps*(x_r, c_r)])``."""
         latents, timesteps, index, frozen_out, _ = bank.draw(params.retain_batch, generator)
         out = predict(unet, latents, timesteps, prompts[index.to(prompts.embeddings.device)])

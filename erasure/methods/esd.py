@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from erasure.base import ErasureMethod, ErasureResult, MethodParams, RunContext
-from erasure.forget_data import PromptSource, concept_prompts, resolve_prompt_source, spread
+from erasure.forget_data import PromptSource, concept_prompts, prompt_trajectories, resolve_prompt_source
 from erasure.losses import esd_loss
 from erasure.param_sets import (
     ParameterSubset,
@@ -40,7 +40,7 @@ from erasure.param_sets import (
 from erasure.registry import register_method
 from erasure.resume import TrainingCheckpoints, job_fingerprint
 from erasure.text_embeddings import PromptEmbeddings
-from erasure.trajectory import ddim_scheduler, initial_noise, predict, sample_trajectories, sample_until
+from erasure.trajectory import ddim_scheduler, initial_noise, predict, sample_until
 
 if TYPE_CHECKING:
     from erasure.config import Target
@@ -121,19 +121,20 @@ class ESD(ErasureMethod):
         teacher = None
         trajectories = None
         if params.sampler == "frozen":
-            noise = initial_noise(params.trajectories, unet, setup)
-            prompt_index = spread(params.trajectories, len(prompts), setup)
-            trajectories = sample_trajectories(
-                unet,
+            # Kept (speed.reuse) or, on the reference path, recomputed by a frozen copy whenever drawn.
+            frozen = unet if ctx.speed.reuse else copy.deepcopy(unet).requires_grad_(False)
+            trajectories = prompt_trajectories(
+                frozen,
                 scheduler,
-                noise,
-                embeddings[prompt_index],
-                embeddings.empty,
+                embeddings,
+                params.trajectories,
                 params.start_guidance,
-                prompt_index=prompt_index,
+                setup,
+                ctx.speed.reuse,
             )
             ctx.log(
-                f"esd: sampled {params.trajectories} trajectories x {params.ddim_steps} steps with the frozen UNet"
+                f"esd: {params.trajectories} trajectories x {params.ddim_steps} steps of the frozen UNet "
+                + ("sampled" if ctx.speed.reuse else "to be recomputed when drawn (speed.reuse off)")
             )
         else:
             teacher = copy.deepcopy(unet).requires_grad_(False)

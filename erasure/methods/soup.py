@@ -75,13 +75,20 @@ class SoupParams(MethodParams):
     shard_steps: int = Field(
         400, ge=1, description="Fine-tuning steps per shard (the budget). Reference: not stated."
     )
-    batch_size: int = Field(32, ge=1, description="Images per step. Reference: not stated (MiniSD trained with 48).")
+    batch_size: int = Field(
+        32, ge=1, description="Images per step. Reference: not stated (MiniSD trained with 48)."
+    )
     lr: float = Field(
         2e-4, gt=0, description="Peak AdamW learning rate. Reference: not stated (MiniSD's phase 1: 3e-4)."
     )
-    warmup: int = Field(50, ge=0, description="Linear warm-up steps, then cosine decay to 5 % (MiniSD's schedule).")
+    warmup: int = Field(
+        50, ge=0, description="Linear warm-up steps, then cosine decay to 5 % (MiniSD's schedule)."
+    )
     cfg_dropout: float = Field(
-        0.1, ge=0, lt=1, description="Share of captions replaced by the empty prompt (SD's and MiniSD's 10 %)."
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of captions replaced by the empty prompt (SD's and MiniSD's 10 %).",
     )
     shards: list[list[str]] | None = Field(
         None,
@@ -99,7 +106,9 @@ class SoupParams(MethodParams):
         description="Seeds of the before/after measurement: each shard style x every object x these seeds.",
     )
     eval_steps: int = Field(SD_STEPS, ge=1, description="DDIM steps of the measurement (MiniSD's default).")
-    eval_guidance: float = Field(SD_GUIDANCE, ge=0, description="CFG scale of the measurement (MiniSD's default).")
+    eval_guidance: float = Field(
+        SD_GUIDANCE, ge=0, description="CFG scale of the measurement (MiniSD's default)."
+    )
     eval_base: bool = Field(True, description="Also measure the base alone on the shard styles (base_acc).")
     base: str | None = Field(
         None,
@@ -126,13 +135,16 @@ def soup_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     return out
 
 
-def soup_remove(soup: dict[str, torch.Tensor], removed: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+def soup_remove(
+    soup: dict[str, torch.Tensor], removed: dict[str, torch.Tensor], n: int
+) -> dict[str, torch.Tensor]:
     """``(n * soup - removed) / (n - 1)``: the soup of ``n`` models without ``removed`` (float64, cast back)."""
     if n < 2:
         raise ValueError("removing a model from a soup needs at least 2 models in it")
     return {
         key: ((n * value.double() - removed[key].double()) / (n - 1)).to(value.dtype)
-        if value.is_floating_point() else value.clone()
+        if value.is_floating_point()
+        else value.clone()
         for key, value in soup.items()
     }
 
@@ -147,9 +159,7 @@ class DiffusionSoup(ErasureMethod):
 
     name = "soup"
     backbone_kind = "sd"
-    description = (
-        "Diffusion Soup (Biggs et al. 2024): average per-shard fine-tunes; unlearn a shard by re-averaging without it."
-    )
+    description = "Diffusion Soup (Biggs et al. 2024): average per-shard fine-tunes; unlearn a shard by re-averaging without it."
     Params = SoupParams
 
     def erase(self, backbone, target: Target, params: SoupParams, ctx: RunContext) -> ErasureResult:
@@ -165,28 +175,35 @@ class DiffusionSoup(ErasureMethod):
         base_dir = Path(params.base).expanduser() if params.base else soup_base_dir()
         if not (base_dir / "unet").is_dir():
             raise NotAvailableError(
-                "the Diffusion Soup base", f"{base_dir} is not built; run `erasure-studio world build --only soup`"
+                "the Diffusion Soup base",
+                f"{base_dir} is not built; run `erasure-studio world build --only soup`",
             )
         info = read_soup_info(base_dir)
         shards = self._shards(params, info)
         removed = self._removed_shard(target, shards)
         n = len(shards)
-        ctx.log(f"soup: {n} shards {shards}; the target {target.spec} removes shard {removed} {shards[removed]}")
+        ctx.log(
+            f"soup: {n} shards {shards}; the target {target.spec} removes shard {removed} {shards[removed]}"
+        )
 
         unet = pipe.unet
         base = load_soup_unet(base_dir, "cpu", unet.dtype)
         base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         own = unet.state_dict()
         if set(base_state) != set(own) or any(base_state[k].shape != own[k].shape for k in own):
-            raise ConfigError(f"soup: the base UNet in {base_dir} does not fit this pipeline's UNet architecture")
+            raise ConfigError(
+                f"soup: the base UNet in {base_dir} does not fit this pipeline's UNet architecture"
+            )
         fingerprints = self._fingerprints(pipe, base)
         del base, own
-        cache = (Path(params.cache_dir).expanduser() if params.cache_dir else default_cache_dir())
+        cache = Path(params.cache_dir).expanduser() if params.cache_dir else default_cache_dir()
         cache = cache / fingerprints["base"]
 
         # 1. One fine-tune per shard, from the cache when a job with the same key made it before.
         keys = [self._shard_key(fingerprints, shard, params, ctx) for shard in shards]
-        paths = [cache / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.safetensors" for key in keys]
+        paths = [
+            cache / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.safetensors" for key in keys
+        ]
         metrics: dict[str, float] = {"soup.num_shards": n, "soup.removed_shard": removed}
         states = [self._read_cached(paths[j], keys[j]) for j in range(n)]
         todo = [j for j in range(n) if states[j] is None]
@@ -194,8 +211,17 @@ class DiffusionSoup(ErasureMethod):
         for j in range(n):
             state = states[j]
             if state is None:
-                state, steps, loss = self._fine_tune(pipe, base_state, shards[j], j, keys[j], params, ctx,
-                                                     offset=done, total=len(todo) * params.shard_steps)
+                state, steps, loss = self._fine_tune(
+                    pipe,
+                    base_state,
+                    shards[j],
+                    j,
+                    keys[j],
+                    params,
+                    ctx,
+                    offset=done,
+                    total=len(todo) * params.shard_steps,
+                )
                 save_tensors(paths[j], state, metadata={"soup_key": keys[j]})
                 ctx.log(f"soup: shard {j} fine-tuned ({steps} steps here), stored in {paths[j]}")
                 trained_steps += steps
@@ -227,7 +253,9 @@ class DiffusionSoup(ErasureMethod):
             unlearned = soup_average([load_tensors(paths[j])[0] for j in range(n) if j != removed])
         self._load(unet, unlearned)
         metrics["soup.removal_seconds"] = time.perf_counter() - start
-        ctx.log(f"soup: shard {removed} removed in {metrics['soup.removal_seconds']:.3f} s ({params.removal})")
+        ctx.log(
+            f"soup: shard {removed} removed in {metrics['soup.removal_seconds']:.3f} s ({params.removal})"
+        )
 
         after = [judge.accuracy(shard) for shard in shards]
         kept = [j for j in range(n) if j != removed]
@@ -244,7 +272,9 @@ class DiffusionSoup(ErasureMethod):
             f"soup: removed shard accuracy {before[removed]:.3f} -> {after[removed]:.3f} "
             f"(UA {metrics['soup.removed_ua']:.3f}); kept shards {kept_before:.3f} -> {kept_after:.3f}"
         )
-        return ErasureResult(changed={"unet": {k: v.detach().cpu() for k, v in unlearned.items()}}, metrics=metrics)
+        return ErasureResult(
+            changed={"unet": {k: v.detach().cpu() for k, v in unlearned.items()}}, metrics=metrics
+        )
 
     # ------------------------------------------------------------------------------------------- pieces
 
@@ -259,7 +289,9 @@ class DiffusionSoup(ErasureMethod):
         for shard in requested:
             unknown = [name for name in shard if name.lower() not in by_lower]
             if unknown:
-                raise ConfigError(f"soup: shard styles {unknown} are not MiniCanvas styles; allowed: {', '.join(STYLES)}")
+                raise ConfigError(
+                    f"soup: shard styles {unknown} are not MiniCanvas styles; allowed: {', '.join(STYLES)}"
+                )
             shards.append([by_lower[name.lower()] for name in shard])
         try:
             check_soup_shards(shards)
@@ -302,11 +334,21 @@ class DiffusionSoup(ErasureMethod):
         }
 
     @staticmethod
-    def _shard_key(fingerprints: dict[str, str], shard: list[str], params: SoupParams, ctx: RunContext) -> str:
-        training = {k: getattr(params, k) for k in ("shard_steps", "batch_size", "lr", "warmup", "cfg_dropout")}
+    def _shard_key(
+        fingerprints: dict[str, str], shard: list[str], params: SoupParams, ctx: RunContext
+    ) -> str:
+        training = {
+            k: getattr(params, k) for k in ("shard_steps", "batch_size", "lr", "warmup", "cfg_dropout")
+        }
         return json.dumps(
-            {"format": CACHE_FORMAT, **fingerprints, "shard": shard, "training": training, "seed": ctx.seed,
-             "precision": ctx.precision},
+            {
+                "format": CACHE_FORMAT,
+                **fingerprints,
+                "shard": shard,
+                "training": training,
+                "seed": ctx.seed,
+                "precision": ctx.precision,
+            },
             sort_keys=True,
         )
 
@@ -324,8 +366,19 @@ class DiffusionSoup(ErasureMethod):
     def _load(unet, state: dict[str, torch.Tensor]) -> None:
         unet.load_state_dict({k: v.to(unet.device) for k, v in state.items()}, strict=True)
 
-    def _fine_tune(self, pipe, base_state, shard: list[str], j: int, key: str, params: SoupParams, ctx: RunContext,
-                   *, offset: int, total: int) -> tuple[dict[str, torch.Tensor], int, float]:
+    def _fine_tune(
+        self,
+        pipe,
+        base_state,
+        shard: list[str],
+        j: int,
+        key: str,
+        params: SoupParams,
+        ctx: RunContext,
+        *,
+        offset: int,
+        total: int,
+    ) -> tuple[dict[str, torch.Tensor], int, float]:
         """Fine-tune the base on ``shard`` (resumable); ``(state, steps run here, mean loss of the last 20)``."""
         from generators.minicanvas.concepts import OBJECTS, STYLES
         from generators.minicanvas.dataset import render
@@ -333,26 +386,39 @@ class DiffusionSoup(ErasureMethod):
 
         unet, vae, device = pipe.unet, pipe.vae, pipe.unet.device
         if pipe.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-            raise ConfigError("soup: the shard fine-tunes need an epsilon-prediction pipeline (MiniSD is one)")
+            raise ConfigError(
+                "soup: the shard fine-tunes need an epsilon-prediction pipeline (MiniSD is one)"
+            )
         self._load(unet, base_state)
         unet.requires_grad_(True).train()
         table = PromptTable(pipe.tokenizer, "cpu")
         with torch.no_grad():
-            embeddings = torch.cat([
-                pipe.text_encoder(table.input_ids[i : i + 256].to(device), attention_mask=None).last_hidden_state
-                for i in range(0, len(table.prompts), 256)
-            ]).to(unet.dtype)
+            embeddings = torch.cat(
+                [
+                    pipe.text_encoder(
+                        table.input_ids[i : i + 256].to(device), attention_mask=None
+                    ).last_hidden_state
+                    for i in range(0, len(table.prompts), 256)
+                ]
+            ).to(unet.dtype)
         alphas = pipe.scheduler.alphas_cumprod.to(device)
         num_train_timesteps = pipe.scheduler.config.num_train_timesteps
         styles = torch.tensor([STYLES.index(name) for name in shard])
-        schedule = StageSettings(steps=params.shard_steps, batch=params.batch_size, lr=params.lr,
-                                 warmup=params.warmup)
+        schedule = StageSettings(
+            steps=params.shard_steps, batch=params.batch_size, lr=params.lr, warmup=params.warmup
+        )
         opt = torch.optim.AdamW(unet.parameters(), lr=params.lr, weight_decay=0.01)
         g = torch.Generator().manual_seed(ctx.seed * 1_000 + j)
         shard_ctx = dataclasses.replace(ctx, checkpoint_dir=ctx.checkpoint_dir / f"shard_{j}")
         losses: list[float] = []
-        checkpoints = TrainingCheckpoints(shard_ctx, key, modules={"unet": unet}, optimizers={"adamw": opt},
-                                          generators={"data": g}, history={"loss": losses})
+        checkpoints = TrainingCheckpoints(
+            shard_ctx,
+            key,
+            modules={"unet": unet},
+            optimizers={"adamw": opt},
+            generators={"data": g},
+            history={"loss": losses},
+        )
         b = params.batch_size
         first = checkpoints.resume() + 1
         for step in range(first, params.shard_steps + 1):
@@ -406,8 +472,13 @@ class _Judge:
         prompts = [template_prompt(s, o) for _ in self.params.eval_seeds for s, o in pairs]
         seeds = [seed for seed in self.params.eval_seeds for _ in pairs]
         labels = torch.tensor([STYLES.index(s) for _ in self.params.eval_seeds for s, _ in pairs])
-        images = sample_sd(self.pipe, prompts, seeds, num_inference_steps=self.params.eval_steps,
-                           guidance_scale=self.params.eval_guidance)
+        images = sample_sd(
+            self.pipe,
+            prompts,
+            seeds,
+            num_inference_steps=self.params.eval_steps,
+            guidance_scale=self.params.eval_guidance,
+        )
         style_probs, _ = classify(self.classifier, images)
         correct = (style_probs.argmax(1) == labels).float()
         per_style = {s: float(correct[labels == STYLES.index(s)].mean()) for s in styles}

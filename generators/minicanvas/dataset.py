@@ -99,7 +99,7 @@ def _object_mask(name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _background(spec: StyleSpec, u, v, n: int, g: torch.Generator, device) -> torch.Tensor:
     """Background of shape [n, 3, H, W] for one style (u, v: coordinates in [-1, 1], shape [1, 1, H, W])."""
-    rand = lambda *shape: torch.rand(*shape, generator=g, device=device)  # noqa: E731
+    rand = lambda *shape: torch.rand(*shape, generator=g, device=device)
     c = [_jitter(col, n, g, 0.06, device) for col in spec.colours]
     freq = spec.freq * (0.85 + 0.3 * rand(n, 1, 1, 1))
     phase = rand(n, 1, 1, 1) * 2 * math.pi
@@ -174,7 +174,7 @@ def render(
     out = torch.empty(n, 3, hi, hi, device=device)
 
     # Per-image object placement, drawn for every image in one go (deterministic order).
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)
     cx, cy = (rand(n, 1, 1, 1) * 2 - 1) * 0.28, (rand(n, 1, 1, 1) * 2 - 1) * 0.28
     scale = 0.45 + 0.22 * rand(n, 1, 1, 1)
     rot = torch.deg2rad((rand(n, 1, 1, 1) * 2 - 1) * 25)

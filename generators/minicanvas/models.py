@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .concepts import OBJECTS, STYLES
 
@@ -131,7 +131,7 @@ class MiniClassifier(nn.Module):
                   folder / "model.safetensors")
 
     @classmethod
-    def load(cls, folder: str | Path, device="cpu") -> "MiniClassifier":
+    def load(cls, folder: str | Path, device="cpu") -> MiniClassifier:
         folder = Path(folder)
         model = cls(**json.loads((folder / "config.json").read_text()))
         sd = {k: v.float() if v.is_floating_point() else v for k, v in

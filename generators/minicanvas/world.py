@@ -20,8 +20,8 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -123,7 +123,14 @@ def build(
 ) -> dict:
     """Train the world (all stages, or ``only`` those named) and publish it to ``out_dir``."""
     from .tokenizer import build_clip_tokenizer
-    from .train import WorldSettings, text_encoder_from_clip, train_classifier, train_clip, train_unet, train_vae
+    from .train import (
+        WorldSettings,
+        text_encoder_from_clip,
+        train_classifier,
+        train_clip,
+        train_unet,
+        train_vae,
+    )
 
     stages = list(only) if only else list(STAGES)
     unknown = [s for s in stages if s not in STAGES]
@@ -183,13 +190,11 @@ def build(
                                    settings, device, resume)
             save_soup_base(_half(unet), tmp, settings, SHARD_SIZE)
         elif stage == "gan":
-            from ..minigan import train_minigan
-            from ..stylegan2_io import save_generator_safetensors
-            from .dataset import sample_images
-
             from safetensors.torch import save_file
 
-            from ..minigan import load_training_checkpoint_discriminator_state
+            from ..minigan import load_training_checkpoint_discriminator_state, train_minigan
+            from ..stylegan2_io import save_generator_safetensors
+            from .dataset import sample_images
 
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
                                   seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
@@ -242,10 +247,10 @@ def verify(tier: str = "full", device: str = "cpu", root: Path | None = None) ->
     """
     from evaluate.fid import classifier_fid
 
+    from ..sd import sample_sd
     from . import concepts
     from .concepts import OBJECTS, STYLES
     from .dataset import grid_labels
-    from ..sd import sample_sd
 
     root = root or world_dir()
     if tier not in VERIFY_TIERS:

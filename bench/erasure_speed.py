@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -38,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from erasure.base import RunContext  # noqa: E402
-from erasure.config import Target  # noqa: E402
-from erasure.registry import get_method, list_methods  # noqa: E402
-from erasure.speed import SpeedConfig, apply_to_backbone, autocast  # noqa: E402
+from erasure.base import RunContext
+from erasure.config import Target
+from erasure.registry import get_method, list_methods
+from erasure.speed import SpeedConfig, apply_to_backbone, autocast
 
 # SD-1.5's component configs (runwayml/stable-diffusion-v1-5: unet/, text_encoder/, vae/ config.json).
 SD15_UNET = {
@@ -108,7 +109,7 @@ class PeakMemory:
         self.device = device
         self.peak_mb = 0.0
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> PeakMemory:  # noqa: PYI034
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -170,7 +171,7 @@ def time_method(name: str, pipe, speed: SpeedConfig, device: torch.device, size:
     if finished and len(stamps) <= 1:  # closed form (or a single step): its whole time is the figure
         return {"setup_s": end - start, "s_per_iter": None, "total_steps": totals[-1] if totals else 0,
                 "projected_s_per_concept": end - start, "peak_mem_mb": memory.peak_mb}  # fmt: skip
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     per_iter = statistics.median(gaps)
     setup = stamps[0] - start - per_iter
     total = totals[-1]
@@ -187,8 +188,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--size", default="mini", choices=["mini", "sd15"])
-    parser.add_argument("--methods", default=None, help="comma-separated SD methods (default: all registered)")
-    parser.add_argument("--steps", type=int, default=6, help="training steps timed per path (after the first)")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated SD methods (default: all registered)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=6, help="training steps timed per path (after the first)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--work", type=Path, default=Path("/tmp/erasure-speed"), help="scratch folder")
     args = parser.parse_args()
@@ -216,7 +221,7 @@ def main() -> None:
         for label, speed in paths.items():
             try:
                 row[label] = time_method(name, pipe, speed, device, args.size, args.steps, args.work)
-            except Exception as err:  # a method that cannot run here is reported, not hidden
+            except Exception as err:  # noqa: BLE001 - a method that cannot run here is reported, not hidden
                 row[label] = {"error": f"{type(err).__name__}: {err}"}
                 print(f"{name:<12}{label:<11}error: {row[label]['error'][:200]}")
                 continue

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from generators.minicanvas import concepts
 from generators.minicanvas.concepts import OBJECTS, STYLES
 from generators.minicanvas.dataset import grid_labels, render, sample_batch
 from generators.minicanvas.paths import WORLD_DIR
 from generators.minicanvas.tokenizer import build_clip_tokenizer
-from generators.minicanvas.train import StageSettings, WorldSettings, train_classifier
+from generators.minicanvas.train import LOOP_SECONDS, StageSettings, WorldSettings, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,9 +75,17 @@ def test_training_resumes_bit_identically(tmp_path):
     train_classifier(tmp_path / "b", short, "cpu")
     state = tmp_path / "b" / "classifier.state.safetensors"
     assert state.exists()
+    with safe_open(str(state), framework="pt") as f:
+        meta = json.loads(f.metadata()["training_state"])
+    assert meta["extra"]["seconds"] > 0
+    # Pretend the first process trained for 1000 s: the resumed loop must add its own time to that.
+    meta["extra"]["seconds"] = 1000.0
+    save_file(load_file(state), state, metadata={"training_state": json.dumps(meta)})
     resumed = train_classifier(tmp_path / "b", settings, "cpu")
     for (k, v1), v2 in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(v1, v2), k
+    # The training time is carried across the resume: the loop reports both processes' time, not only its own.
+    assert 1000.0 < LOOP_SECONDS["classifier"] < 1300.0
 
 
 def test_sample_batch_labels_match_render():

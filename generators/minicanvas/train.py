@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,13 @@ class Loop:
 
     def run(self, step_fn: Callable[[int], float], resume: bool = True) -> None:
         start = 0
+        self._seconds_before = 0.0  # training time of earlier processes (a resumed loop), from the checkpoint
         if resume and self.state_path.exists():
-            start = load_training_state(self.state_path, modules=self.modules, optimizers=self.optimizers,
-                                        generators=self.generators)["step"]
+            meta = load_training_state(self.state_path, modules=self.modules, optimizers=self.optimizers,
+                                       generators=self.generators)
+            start = meta["step"]
+            self._seconds_before = float(meta.get("extra", {}).get("seconds", 0.0))
+        self._started = time.monotonic()
         total = self.settings.steps
         bar = tqdm(range(start, total), initial=start, total=total, desc=self.name, dynamic_ncols=True)
         step = start
@@ -147,10 +152,21 @@ class Loop:
             bar.close()
             print(f"\n{self.name}: interrupted; progress up to the last checkpoint is kept, rerun to resume.")
             raise
+        LOOP_SECONDS[self.name] = self._elapsed()
+
+    def _elapsed(self) -> float:
+        return self._seconds_before + time.monotonic() - self._started
 
     def _save(self, step: int) -> None:
+        # The checkpoint carries the loop's cumulative training time, so a build that spans several processes
+        # (or sessions) still reports what it cost in all.
         save_training_state(self.state_path, step=step, modules=self.modules, optimizers=self.optimizers,
-                            generators=self.generators)
+                            generators=self.generators, extra={"seconds": round(self._elapsed(), 1)})
+
+
+LOOP_SECONDS: dict[str, float] = {}
+"""Cumulative training seconds of every :class:`Loop` finished in this process, by loop name (resumed runs
+included, counted up to their last checkpoint); ``world build`` records them per stage."""
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

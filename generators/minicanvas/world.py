@@ -124,6 +124,7 @@ def build(
     """Train the world (all stages, or ``only`` those named) and publish it to ``out_dir``."""
     from .tokenizer import build_clip_tokenizer
     from .train import (
+        LOOP_SECONDS,
         WorldSettings,
         text_encoder_from_clip,
         train_classifier,
@@ -149,6 +150,7 @@ def build(
         if stage not in stages:
             continue
         t0 = time.time()
+        LOOP_SECONDS.clear()
         tmp = _tmp_dir(root, stage)
         if stage == "classifier":
             model = train_classifier(work, settings, device, resume)
@@ -204,7 +206,10 @@ def build(
             save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in d_state.items()},
                       str(tmp / "discriminator.safetensors"))
         _publish(tmp, root / STAGE_FOLDERS.get(stage, stage))
+        # "seconds": this invocation; "train_seconds": each training loop's cumulative time over every process
+        # that worked on it (a build resumed across sessions reports its whole cost there).
         info["stages"][stage] = {"seconds": round(time.time() - t0, 1), "device": device,
+                                 "train_seconds": {k: round(v, 1) for k, v in LOOP_SECONDS.items()},
                                  "settings": settings.model_dump(), "versions": _versions()}
         tmp_info = info_path.with_suffix(".json.tmp")
         tmp_info.write_text(json.dumps(info, indent=2))

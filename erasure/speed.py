@@ -79,7 +79,9 @@ def apply_to_backbone(backbone, speed: SpeedConfig) -> None:
     if text_encoder is not None:
         text_encoder.set_attn_implementation("sdpa" if speed.attention == "sdpa" else "eager")
         if speed.gradient_checkpointing:
-            text_encoder.gradient_checkpointing_enable()
+            # transformers 5 renamed it (the old name still works, with a deprecation warning)
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            (enable or text_encoder.gradient_checkpointing_enable)()
 
 
 @contextlib.contextmanager

@@ -167,7 +167,11 @@ class RecomputedTrajectories:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
-    draw = Trajectories.draw
+    def draw(
+        self, n: int, generator: torch.Generator, step: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` random states, drawn exactly as :meth:`Trajectories.draw` draws them."""
+        return self.states(*draw_states(self.num_trajectories, self.num_steps, n, generator, step))
 
     @torch.no_grad()
     def states(

@@ -66,12 +66,6 @@ HELDOUT_PARAPHRASES: list[str] = [
     "Here is a {object} depicted in {style} style.",
 ]
 
-# Captions naming one concept only (MiniSD's last UNet phase): real captions often mention just the style or just
-# the subject, and a short prompt such as ESD's "Ember style" must then mean "any object, in Ember", not the one
-# object a text encoder happens to associate with it.
-STYLE_ONLY_TEMPLATES: list[str] = ["{style} style", "An image in {style} style.", "Something in the {style} style."]
-OBJECT_ONLY_TEMPLATES: list[str] = ["A {object} image.", "A picture of a {object}."]
-
 # Second language (Spanish). Names marked held out never appear in training captions.
 STYLES_ES: dict[str, str] = {
     "Ember": "Brasa",

@@ -55,12 +55,6 @@ class WorldSettings(BaseModel):
     # which spends the budget on the noise levels where object shape is decided (phase 1 leaves shapes soft).
     unet_refine: StageSettings = StageSettings(steps=4000, batch=48, lr=1.5e-4, warmup=100, seed=7)
     unet_refine_min_snr_gamma: float = Field(default=5.0, gt=0)
-    # Phase 3: another short warm restart (Min-SNR as phase 2) in which a share of the captions name one concept
-    # only (concepts.STYLE_ONLY_TEMPLATES / OBJECT_ONLY_TEMPLATES), so that a short prompt such as "Ember style"
-    # means any object in Ember. Without it MiniSD drew one object for "Ember style" (mostly hexagons), and ESD,
-    # erasing what that prompt draws, left Ember on the other objects.
-    unet_captions: StageSettings = StageSettings(steps=1500, batch=48, lr=1e-4, warmup=100, seed=9)
-    unet_partial_caption_prob: float = Field(default=0.3, ge=0, le=1)
     unet_cfg_dropout: float = Field(default=0.1, ge=0, lt=1)
     unet_ema_decay: float = Field(default=0.999, gt=0, lt=1)
     checkpoint_every: int = Field(default=250, gt=0)
@@ -212,13 +206,9 @@ def train_classifier(work: Path, settings: WorldSettings, device: str, resume: b
 
 
 class PromptTable:
-    """Every training caption, tokenised once; index ``len - 1`` is the empty (unconditional) prompt.
+    """Every training caption, tokenised once; index ``len - 1`` is the empty (unconditional) prompt."""
 
-    With ``partial=True`` the table also holds one-concept captions (``concepts.STYLE_ONLY_TEMPLATES`` and
-    ``OBJECT_ONLY_TEMPLATES``), placed after the full captions so that the full captions keep their indices.
-    """
-
-    def __init__(self, tokenizer, device: str, partial: bool = False):
+    def __init__(self, tokenizer, device: str):
         self.prompts: list[str] = []
         self.by_pair: list[list[int]] = []  # pair index (style-major) -> prompt indices
         for style in STYLES:
@@ -228,56 +218,26 @@ class PromptTable:
                     ids.append(len(self.prompts))
                     self.prompts.append(p)
                 self.by_pair.append(ids)
-        self.by_style: list[list[int]] = []
-        self.by_object: list[list[int]] = []
-        if partial:
-            for names, templates, key, out in ((STYLES, concepts.STYLE_ONLY_TEMPLATES, "style", self.by_style),
-                                               (OBJECTS, concepts.OBJECT_ONLY_TEMPLATES, "object", self.by_object)):
-                for name in names:
-                    out.append(list(range(len(self.prompts), len(self.prompts) + len(templates))))
-                    self.prompts.extend(t.format(**{key: name}) for t in templates)
         self.prompts.append("")
         enc = tokenizer(self.prompts, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,
                         return_tensors="pt")
         self.input_ids = enc.input_ids.to(device)
         self.attention_mask = enc.attention_mask.to(device)
-        self._counts, self._padded = self._index(self.by_pair, device)
-        if partial:
-            self._style_only = torch.tensor(self.by_style, device=device)
-            self._object_only = torch.tensor(self.by_object, device=device)
-
-    @staticmethod
-    def _index(groups: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = torch.tensor([len(i) for i in groups], device=device)
-        padded = torch.full((len(groups), int(counts.max())), -1, dtype=torch.long)
-        for k, ids in enumerate(groups):
+        counts = torch.tensor([len(i) for i in self.by_pair], device=device)
+        padded = torch.full((len(self.by_pair), int(counts.max())), -1, dtype=torch.long)
+        for k, ids in enumerate(self.by_pair):
             padded[k, : len(ids)] = torch.tensor(ids)
-        return counts, padded.to(device)
+        self._counts, self._padded = counts, padded.to(device)
 
     @property
     def empty_index(self) -> int:
         return len(self.prompts) - 1
 
-    def sample(self, style_idx: torch.Tensor, object_idx: torch.Tensor, g: torch.Generator,
-               partial_prob: float = 0.0) -> torch.Tensor:
-        """One caption per image; with probability ``partial_prob`` a one-concept caption instead (half naming
-        the style only, half the object only). ``partial_prob == 0`` draws exactly the random numbers it always did.
-        """
+    def sample(self, style_idx: torch.Tensor, object_idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         pair = style_idx * len(OBJECTS) + object_idx
         counts = self._counts[pair]
         choice = (torch.rand(pair.shape, generator=g, device=pair.device) * counts).long()
-        idx = self._padded[pair, choice]
-        if partial_prob <= 0:
-            return idx
-        if not self.by_style:
-            raise ValueError("this PromptTable has no one-concept captions (build it with partial=True)")
-        u = torch.rand(pair.shape, generator=g, device=pair.device)
-        pick_s = (torch.rand(pair.shape, generator=g, device=pair.device)
-                  * self._style_only.shape[1]).long()
-        pick_o = (torch.rand(pair.shape, generator=g, device=pair.device)
-                  * self._object_only.shape[1]).long()
-        idx = torch.where(u < partial_prob / 2, self._style_only[style_idx, pick_s], idx)
-        return torch.where((u >= partial_prob / 2) & (u < partial_prob), self._object_only[object_idx, pick_o], idx)
+        return self._padded[pair, choice]
 
 
 def _soft_clip_loss(logits_per_image: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -424,7 +384,7 @@ class UNetTrainer:
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.alphas = scheduler.alphas_cumprod.to(device)
         self.snr = self.alphas / (1 - self.alphas)
-        self.table = PromptTable(tokenizer, device, partial=True)
+        self.table = PromptTable(tokenizer, device)
         with torch.no_grad():  # every caption's embedding, once: the text encoder is frozen
             self.embeddings = torch.cat([
                 text_encoder(self.table.input_ids[i : i + 256], attention_mask=None).last_hidden_state
@@ -433,10 +393,8 @@ class UNetTrainer:
         unet.train()
 
     def step_fn(self, s: StageSettings, opt: torch.optim.Optimizer, g: torch.Generator, *,
-                min_snr_gamma: float | None = None, ema_offset: int = 0, styles: list[int] | None = None,
-                partial_prob: float = 0.0):
-        """``step_fn(step) -> loss`` for a :class:`Loop`; ``styles`` restricts the training stream's styles;
-        ``partial_prob`` is the share of one-concept captions (:meth:`PromptTable.sample`)."""
+                min_snr_gamma: float | None = None, ema_offset: int = 0, styles: list[int] | None = None):
+        """``step_fn(step) -> loss`` for a :class:`Loop`; ``styles`` restricts the training stream's styles."""
         unet, vae, table, device = self.unet, self.vae, self.table, self.device
         ema_params, unet_params = list(self.ema.parameters()), list(unet.parameters())
 
@@ -445,7 +403,7 @@ class UNetTrainer:
             x = render(st, ob, g)
             with torch.no_grad():
                 latents = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
-            idx = table.sample(st, ob, g, partial_prob)
+            idx = table.sample(st, ob, g)
             drop = torch.rand(idx.shape, generator=g, device=device) < self.settings.unet_cfg_dropout
             idx = torch.where(drop, torch.full_like(idx, table.empty_index), idx)
             noise = torch.randn(latents.shape, generator=g, device=device)
@@ -493,16 +451,6 @@ def train_unet(work: Path, vae, text_encoder, tokenizer, settings: WorldSettings
     Loop("unet-refine", work / "unet_refine.state.safetensors", r, {"unet": unet, "ema": ema}, {"opt": opt},
          {"data": g}, settings.checkpoint_every).run(
              trainer.step_fn(r, opt, g, min_snr_gamma=settings.unet_refine_min_snr_gamma, ema_offset=s.steps),
-             resume)
-
-    # Phase 3: warm restart with one-concept captions mixed in; the EMA carries on.
-    c = settings.unet_captions
-    opt = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=0.01)
-    g = torch.Generator(device).manual_seed(c.seed)
-    Loop("unet-captions", work / "unet_captions.state.safetensors", c, {"unet": unet, "ema": ema}, {"opt": opt},
-         {"data": g}, settings.checkpoint_every).run(
-             trainer.step_fn(c, opt, g, min_snr_gamma=settings.unet_refine_min_snr_gamma,
-                             ema_offset=s.steps + r.steps, partial_prob=settings.unet_partial_caption_prob),
              resume)
     return ema.eval()
 

@@ -331,12 +331,10 @@ def _accuracy_by_label(predicted: torch.Tensor, truth: torch.Tensor, names: list
 
 def _top_confusions(predicted: torch.Tensor, truth: torch.Tensor, names: list[str], top: int = 5) -> list[dict]:
     """The most frequent (true -> predicted) mistakes, with their share of that true label's samples."""
+    from collections import Counter
+
     wrong = predicted != truth
-    pairs = torch.stack([truth[wrong], predicted[wrong]], 1).tolist()
-    counts: dict[tuple[int, int], int] = {}
-    for t, p in pairs:
-        counts[(t, p)] = counts.get((t, p), 0) + 1
-    ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+    ranked = Counter(zip(truth[wrong].tolist(), predicted[wrong].tolist())).most_common(top)
     return [{"true": names[t], "predicted": names[p], "share": round(n / int((truth == t).sum()), 4)}
             for (t, p), n in ranked]
 

@@ -87,35 +87,6 @@ def unet_config() -> dict:
     )
 
 
-def grow_unet_attention(unet):
-    """A copy of a MiniSD UNet with cross-attention added to its 16 px blocks, computing the same function.
-
-    The 16 px blocks of :func:`unet_config` are convolution-only, so the prompt reaches the finest resolution
-    only through up-sampled 8 px features; the grown UNet (``CrossAttnDownBlock2D``/``CrossAttnUpBlock2D`` there)
-    lets the 16 px features read the prompt directly. The resnets, samplers and every other weight are copied;
-    each new transformer's output projection starts at zero, so its residual branch adds nothing until trained.
-    """
-    from diffusers import UNet2DConditionModel
-
-    config = dict(unet.config)
-    down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    if down[0] != "DownBlock2D" or up[-1] != "UpBlock2D":
-        raise ValueError(f"the UNet's 16 px blocks already have attention: {down[0]} / {up[-1]}")
-    config["down_block_types"] = ("CrossAttnDownBlock2D", *down[1:])
-    config["up_block_types"] = (*up[:-1], "CrossAttnUpBlock2D")
-    grown = UNet2DConditionModel.from_config(config).to(device=unet.device, dtype=unet.dtype)
-    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
-    new_prefixes = ("down_blocks.0.attentions.", f"up_blocks.{len(up) - 1}.attentions.")
-    if unexpected or not all(k.startswith(new_prefixes) for k in missing):
-        raise RuntimeError(f"growing the UNet left unexpected {unexpected} / missing {missing} weights")
-    with torch.no_grad():
-        for block in (grown.down_blocks[0], grown.up_blocks[-1]):
-            for transformer in block.attentions:
-                transformer.proj_out.weight.zero_()
-                transformer.proj_out.bias.zero_()
-    return grown
-
-
 class MiniClassifier(nn.Module):
     """UnlearnCanvas' judge in miniature: a small residual CNN with a style head and an object head.
 

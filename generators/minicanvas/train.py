@@ -25,15 +25,7 @@ from erasure.training_state import load_training_state, save_training_state
 from . import concepts
 from .concepts import OBJECTS, STYLES
 from .dataset import render, sample_batch, sample_labels
-from .models import (
-    TEXT_MAX_LENGTH,
-    MiniClassifier,
-    clip_config,
-    grow_unet_attention,
-    projected,
-    unet_config,
-    vae_config,
-)
+from .models import TEXT_MAX_LENGTH, MiniClassifier, clip_config, projected, unet_config, vae_config
 
 
 class StageSettings(BaseModel):
@@ -63,10 +55,6 @@ class WorldSettings(BaseModel):
     # which spends the budget on the noise levels where object shape is decided (phase 1 leaves shapes soft).
     unet_refine: StageSettings = StageSettings(steps=4000, batch=48, lr=1.5e-4, warmup=100, seed=7)
     unet_refine_min_snr_gamma: float = Field(default=5.0, gt=0)
-    # Phase 3 (optional): grow cross-attention into the UNet's 16 px blocks (models.grow_unet_attention: the
-    # grown net starts out computing the phase-2 function) and train on, Min-SNR weighted like phase 2. None keeps
-    # the phase-2 architecture (convolution-only at 16 px).
-    unet_grow: StageSettings | None = None
     unet_cfg_dropout: float = Field(default=0.1, ge=0, lt=1)
     unet_ema_decay: float = Field(default=0.999, gt=0, lt=1)
     checkpoint_every: int = Field(default=250, gt=0)
@@ -463,23 +451,6 @@ def train_unet(work: Path, vae, text_encoder, tokenizer, settings: WorldSettings
     Loop("unet-refine", work / "unet_refine.state.safetensors", r, {"unet": unet, "ema": ema}, {"opt": opt},
          {"data": g}, settings.checkpoint_every).run(
              trainer.step_fn(r, opt, g, min_snr_gamma=settings.unet_refine_min_snr_gamma, ema_offset=s.steps),
-             resume)
-    if settings.unet_grow is None:
-        return ema.eval()
-
-    # Phase 3: cross-attention at 16 px, grown from the phase-2 weights (the EMA grows alongside).
-    w = settings.unet_grow
-    torch.manual_seed(w.seed)
-    unet = grow_unet_attention(unet)
-    trainer = UNetTrainer(unet, vae, text_encoder, tokenizer, settings, device)
-    trainer.ema.load_state_dict(grow_unet_attention(ema).state_dict())
-    ema = trainer.ema
-    opt = torch.optim.AdamW(unet.parameters(), lr=w.lr, weight_decay=0.01)
-    g = torch.Generator(device).manual_seed(w.seed)
-    Loop("unet-grow", work / "unet_grow.state.safetensors", w, {"unet": unet, "ema": ema}, {"opt": opt},
-         {"data": g}, settings.checkpoint_every).run(
-             trainer.step_fn(w, opt, g, min_snr_gamma=settings.unet_refine_min_snr_gamma,
-                             ema_offset=s.steps + r.steps),
              resume)
     return ema.eval()
 

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -331,8 +332,6 @@ def _accuracy_by_label(predicted: torch.Tensor, truth: torch.Tensor, names: list
 
 def _top_confusions(predicted: torch.Tensor, truth: torch.Tensor, names: list[str], top: int = 5) -> list[dict]:
     """The most frequent (true -> predicted) mistakes, with their share of that true label's samples."""
-    from collections import Counter
-
     wrong = predicted != truth
     ranked = Counter(zip(truth[wrong].tolist(), predicted[wrong].tolist())).most_common(top)
     return [{"true": names[t], "predicted": names[p], "share": round(n / int((truth == t).sum()), 4)}

@@ -396,6 +396,11 @@ def world_build(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from checkpoints.")] = True,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="FIELD=VALUE",
+                     help="Override a build setting, e.g. --set gan_steps=20000 --set unet.batch=64 (repeatable)."),
+    ] = None,
 ) -> None:
     """Train the MiniCanvas world (judge, diffusion pipeline, GAN) into generators/minicanvas/world/."""
     world = _world_module()
@@ -403,7 +408,29 @@ def world_build(
     for name in only or []:
         if stages and name not in stages:
             raise ConfigError(f"--only: got {name!r}; must be one of {', '.join(stages)}")
-    world.build(only=only or None, device=_device_option(device), resume=resume)
+    kwargs: dict[str, Any] = {}
+    if set_:
+        kwargs["settings"] = world_settings(set_)
+    world.build(only=only or None, device=_device_option(device), resume=resume, **kwargs)
+
+
+def world_settings(overrides: list[str]):
+    """The world build's settings (``generators.minicanvas.train.WorldSettings``) with ``--set`` overrides applied;
+    a bad field or value fails here, before any training, naming the field and what is allowed."""
+    from pydantic import ValidationError
+
+    from erasure.config import format_validation_error
+    from erasure.overrides import apply_overrides, parse_override
+    from generators.minicanvas.train import WorldSettings
+
+    parsed = [parse_override(raw) for raw in overrides]
+    data = apply_overrides(WorldSettings().model_dump(), parsed)
+    try:
+        return WorldSettings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(
+            format_validation_error(err, "world build settings", data, parsed, root=WorldSettings)
+        ) from None
 
 
 @world_app.command("verify")

@@ -251,26 +251,29 @@ def validate_job(data: dict[str, Any], source: str, overrides: list[Override] | 
 
 
 def format_validation_error(
-    err: ValidationError, source: str, data: dict[str, Any], overrides: list[Override]
+    err: ValidationError, source: str, data: dict[str, Any], overrides: list[Override],
+    root: type[BaseModel] | None = None,
 ) -> str:
-    """One line for the first problem: ``<source>: <field path>: got <value>; <what is allowed>``."""
+    """One line for the first problem: ``<source>: <field path>: got <value>; <what is allowed>``.
+
+    ``root`` is the model that was validated (a job config unless said otherwise)."""
     errors = err.errors(include_url=False)
     first = errors[0]
     loc = tuple(first["loc"])
     origin = _override_for(loc, overrides)
     where = f"{source} (--set {origin.shown})" if origin else source
-    line = f"{where}: {_dotted(loc) or '(top level)'}: {_describe(first, loc, data)}"
+    line = f"{where}: {_dotted(loc) or '(top level)'}: {_describe(first, loc, data, root or JobConfig)}"
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return line.replace("\r", "\\r").replace("\n", "\\n")  # a value (a path) may hold a line break
 
 
-def _describe(error: Any, loc: tuple[Any, ...], data: dict[str, Any]) -> str:
+def _describe(error: Any, loc: tuple[Any, ...], data: dict[str, Any], root: type[BaseModel]) -> str:
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind == "missing":
         return "missing; this field is required"
     if kind == "extra_forbidden":
-        allowed = _allowed_fields(loc[:-1], data)
+        allowed = _allowed_fields(loc[:-1], data, root)
         listing = ", ".join(allowed) if allowed else "(none)"
         return f"unknown field; allowed fields here: {listing}"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -317,8 +320,8 @@ def _override_for(loc: tuple[Any, ...], overrides: list[Override]) -> Override |
     return None
 
 
-def _allowed_fields(loc: tuple[Any, ...], data: dict[str, Any]) -> list[str]:
-    model: type[BaseModel] | None = JobConfig
+def _allowed_fields(loc: tuple[Any, ...], data: dict[str, Any], root: type[BaseModel]) -> list[str]:
+    model: type[BaseModel] | None = root
     node: Any = data
     for key in loc:
         if model is None:

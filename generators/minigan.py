@@ -398,7 +398,7 @@ def _train_step(
     state.g_optim.step()
     logs["g"] = g_loss.detach()
 
-    if i % config.g_reg_every == 0:
+    if config.path_regularize > 0 and i % config.g_reg_every == 0:  # weight 0: the pass would be wasted work
         path_batch = max(1, config.batch // config.path_batch_shrink)
         fake, latents = g(
             _mixing_latents(path_batch, config.style_dim, config.mixing, device), return_latents=True

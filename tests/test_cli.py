@@ -118,10 +118,30 @@ def test_world_build_passes_its_options(monkeypatch: pytest.MonkeyPatch) -> None
     assert calls[-1] == ("build", {"only": None, "device": auto, "resume": True})
 
 
+def test_world_build_set_overrides_the_build_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from generators.minicanvas.train import WorldSettings
+
+    calls = fake_world(monkeypatch)
+    args = ["world", "build", "--only", "gan", "--device", "cpu", "--set", "gan_steps=20000", "--set", "unet.batch=64"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (name, kwargs), = calls
+    settings = kwargs["settings"]
+    assert isinstance(settings, WorldSettings)
+    assert settings.gan_steps == 20000 and settings.unet.batch == 64
+    # Everything not overridden keeps the recipe's defaults.
+    assert settings.model_dump(exclude={"gan_steps", "unet"}) == WorldSettings().model_dump(
+        exclude={"gan_steps", "unet"})
+    assert settings.unet.lr == WorldSettings().unet.lr
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
-    [(["--device", "tpu"], "--device: got 'tpu'"), (["--only", "dragons"], "--only: got 'dragons'")],
-    ids=["device", "only"],
+    [(["--device", "tpu"], "--device: got 'tpu'"), (["--only", "dragons"], "--only: got 'dragons'"),
+     (["--set", "gan_stepz=5"], "gan_stepz: unknown field; allowed fields here: classifier, clip,"),
+     (["--set", "unet.batch=0"], "(--set unet.batch=0): unet.batch: got 0; must be > 0"),
+     (["--set", "unet.speed=3"], "unet.speed: unknown field; allowed fields here: steps, batch, lr, warmup, seed")],
+    ids=["device", "only", "unknown-field", "bad-value", "unknown-nested"],
 )
 def test_world_build_rejects_bad_options(
     monkeypatch: pytest.MonkeyPatch, args: list[str], fragment: str

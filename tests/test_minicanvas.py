@@ -88,6 +88,33 @@ def test_training_resumes_bit_identically(tmp_path):
     assert 1000.0 < LOOP_SECONDS["classifier"] < 1300.0
 
 
+def test_concept_tokens_point_at_each_captions_concept_words():
+    """MiniCLIP's token-level phase supervises the hidden state at the style and object words' last tokens: the
+    recorded positions must hold exactly those words, in every template and in Spanish captions."""
+    from generators.minicanvas import concepts
+    from generators.minicanvas.train import ConceptTokens, PromptTable
+
+    tok = build_clip_tokenizer(32)
+    table = PromptTable(tok, "cpu")
+    tokens = ConceptTokens.from_table(table, tok, "cpu")
+    assert len(tokens.style_pos) == len(table.prompts) - 1  # every caption but the empty one
+    checked_spanish = 0
+    for i, prompt in enumerate(table.prompts[:-1]):
+        style, obj = STYLES[int(tokens.style_label[i])], OBJECTS[int(tokens.object_label[i])]
+        spanish = prompt == concepts.spanish_prompt(style, obj)
+        checked_spanish += spanish
+        sw = concepts.STYLES_ES[style] if spanish else style
+        ow = concepts.OBJECTS_ES[obj] if spanish else obj
+        assert sw in prompt and ow in prompt
+        last_style = tok(sw, add_special_tokens=False).input_ids[-1]
+        last_object = tok(ow, add_special_tokens=False).input_ids[-1]
+        assert int(table.input_ids[i, tokens.style_pos[i]]) == last_style, prompt
+        assert int(table.input_ids[i, tokens.object_pos[i]]) == last_object, prompt
+    assert checked_spanish > 0
+    for k, style in enumerate(STYLES):
+        assert int(tokens.short_ids[k, tokens.short_pos[k]]) == tok(style, add_special_tokens=False).input_ids[-1]
+
+
 def test_sample_batch_labels_match_render():
     g = torch.Generator().manual_seed(1)
     x, s, o = sample_batch(16, g)
@@ -125,7 +152,7 @@ def test_world_build_and_verify_end_to_end(tmp_path):
     from generators.minicanvas import world
 
     tiny = StageSettings(steps=2, batch=8, lr=1e-3, warmup=1)
-    settings = WorldSettings(classifier=tiny, clip=tiny, clip_vision=tiny, vae=tiny, unet=tiny, unet_refine=tiny,
+    settings = WorldSettings(classifier=tiny, clip=tiny, clip_text=tiny, clip_vision=tiny, vae=tiny, unet=tiny, unet_refine=tiny,
                              checkpoint_every=1)
     info = world.build(only=["classifier", "clip", "sd"], out_dir=tmp_path / "w", work_dir=tmp_path / "work",
                        settings=settings)

@@ -201,7 +201,9 @@ def build(
 
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
                                   seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
-                                  channels=settings.gan_channels, checkpoint_every=settings.checkpoint_every)
+                                  channels=settings.gan_channels, checkpoint_every=settings.checkpoint_every,
+                                  r1=settings.gan_r1, path_regularize=settings.gan_path_regularize,
+                                  mixing=settings.gan_mixing)
             save_generator_safetensors(g_ema, tmp / "generator.safetensors", dtype=torch.float16)
             d_state = load_training_checkpoint_discriminator_state(work / "gan")
             save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in d_state.items()},

@@ -125,7 +125,7 @@ def test_world_build_set_overrides_the_build_settings(monkeypatch: pytest.Monkey
     args = ["world", "build", "--only", "gan", "--device", "cpu", "--set", "gan_steps=20000", "--set", "unet.batch=64"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    (name, kwargs), = calls
+    ((_, kwargs),) = calls
     settings = kwargs["settings"]
     assert isinstance(settings, WorldSettings)
     assert settings.gan_steps == 20000 and settings.unet.batch == 64

@@ -260,6 +260,16 @@ def _soft_clip_loss(logits_per_image: torch.Tensor, same: torch.Tensor) -> torch
     return (loss_i + loss_t) / 2
 
 
+def _clip_update(model, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimiser step of a MiniCLIP phase; CLIP's logit scale stays within [1, 100] (Radford et al. 2021)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss.item()
+
+
 def train_clip(work: Path, tokenizer, settings: WorldSettings, device: str, resume: bool = True):
     from transformers import CLIPModel
 
@@ -284,12 +294,7 @@ def train_clip(work: Path, tokenizer, settings: WorldSettings, device: str, resu
             label_loss = (F.cross_entropy(labels[:, : len(STYLES)], st)
                           + F.cross_entropy(labels[:, len(STYLES) :], ob))
             loss = loss + settings.clip_text_label_weight * label_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        return loss.item()
+        return _clip_update(model, opt, loss)
 
     if not (resume and (work / "clip_vision.state.safetensors").exists()):  # phase 2's checkpoint holds it all
         Loop("clip", work / "clip.state.safetensors", s, {"model": model, "probes": probes}, {"opt": opt},
@@ -401,12 +406,7 @@ def tune_clip_text(model, work: Path, tokenizer, settings: WorldSettings, device
         keep = F.mse_loss(h, h_ref)
         loss = (loss + settings.clip_token_probe_weight * probe + settings.clip_token_locality_weight * locality
                 + settings.clip_token_keep_weight * keep)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        return loss.item()
+        return _clip_update(model, opt, loss)
 
     Loop("clip-text", work / "clip_text.state.safetensors", s, {"model": model, "probes": probes}, {"opt": opt},
          {"data": g}, settings.checkpoint_every).run(step_fn, resume)
@@ -443,12 +443,7 @@ def refine_clip_vision(model, work: Path, tokenizer, settings: WorldSettings, de
         logits = model.logit_scale.exp() * image @ text[idx].T
         same = ((st[:, None] == st[None]) & (ob[:, None] == ob[None])).float()
         loss = _soft_clip_loss(logits, same)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        return loss.item()
+        return _clip_update(model, opt, loss)
 
     Loop("clip-vision", work / "clip_vision.state.safetensors", s, {"model": model}, {"opt": opt}, {"data": g},
          settings.checkpoint_every).run(step_fn, resume)

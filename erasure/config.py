@@ -262,18 +262,20 @@ def format_validation_error(
     loc = tuple(first["loc"])
     origin = _override_for(loc, overrides)
     where = f"{source} (--set {origin.shown})" if origin else source
-    line = f"{where}: {_dotted(loc) or '(top level)'}: {_describe(first, loc, data, root or JobConfig)}"
+    line = f"{where}: {_dotted(loc) or '(top level)'}: {_describe(first, loc, data, root)}"
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return line.replace("\r", "\\r").replace("\n", "\\n")  # a value (a path) may hold a line break
 
 
-def _describe(error: Any, loc: tuple[Any, ...], data: dict[str, Any], root: type[BaseModel]) -> str:
+def _describe(
+    error: Any, loc: tuple[Any, ...], data: dict[str, Any], root: type[BaseModel] | None = None
+) -> str:
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind == "missing":
         return "missing; this field is required"
     if kind == "extra_forbidden":
-        allowed = _allowed_fields(loc[:-1], data, root)
+        allowed = _allowed_fields(loc[:-1], data, root or JobConfig)
         listing = ", ".join(allowed) if allowed else "(none)"
         return f"unknown field; allowed fields here: {listing}"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}

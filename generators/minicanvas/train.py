@@ -401,7 +401,9 @@ def tune_clip_text(model, work: Path, tokenizer, settings: WorldSettings, device
         h_style, h_object = h[rows, tokens.style_pos[idx]], h[rows, tokens.object_pos[idx]]
         probe = (F.cross_entropy(probes["style"](h_style), tokens.style_label[idx])
                  + F.cross_entropy(probes["object"](h_object), tokens.object_label[idx]))
-        short = model.text_model(input_ids=tokens.short_ids[st]).last_hidden_state[rows, tokens.short_pos[st]]
+        # Each style's "{style} style" state, computed once per step (12 prompts, not one per caption).
+        every_short = model.text_model(input_ids=tokens.short_ids).last_hidden_state
+        short = every_short[torch.arange(len(STYLES), device=device), tokens.short_pos][st]
         locality = (1 - F.cosine_similarity(h_style, short, dim=-1)).mean()
         keep = F.mse_loss(h, h_ref)
         loss = (loss + settings.clip_token_probe_weight * probe + settings.clip_token_locality_weight * locality

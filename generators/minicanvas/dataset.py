@@ -20,6 +20,11 @@ import torch.nn.functional as F
 from .concepts import OBJECTS, STYLES
 
 IMAGE_SIZE = 32
+# Object pose, drawn per image: centre offset in [-OFFSET, OFFSET] (image half-widths), scale (circumradius in image
+# half-widths) in [SCALE_MIN, SCALE_MIN + SCALE_SPAN], rotation in [-ROTATION_DEG, ROTATION_DEG] degrees.
+OFFSET = 0.28
+SCALE_MIN, SCALE_SPAN = 0.45, 0.22
+ROTATION_DEG = 25.0
 
 
 def _rgb(hex_colour: str) -> tuple[float, float, float]:
@@ -175,9 +180,9 @@ def render(
 
     # Per-image object placement, drawn for every image in one go (deterministic order).
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)
-    cx, cy = (rand(n, 1, 1, 1) * 2 - 1) * 0.28, (rand(n, 1, 1, 1) * 2 - 1) * 0.28
-    scale = 0.45 + 0.22 * rand(n, 1, 1, 1)
-    rot = torch.deg2rad((rand(n, 1, 1, 1) * 2 - 1) * 25)
+    cx, cy = (rand(n, 1, 1, 1) * 2 - 1) * OFFSET, (rand(n, 1, 1, 1) * 2 - 1) * OFFSET
+    scale = SCALE_MIN + SCALE_SPAN * rand(n, 1, 1, 1)
+    rot = torch.deg2rad((rand(n, 1, 1, 1) * 2 - 1) * ROTATION_DEG)
     x0, y0 = (u - cx) / scale, (v - cy) / scale
     lx = x0 * torch.cos(rot) + y0 * torch.sin(rot)
     ly = -x0 * torch.sin(rot) + y0 * torch.cos(rot)

@@ -402,7 +402,7 @@ def test_erase_then_compare_end_to_end(app_server: Any, client: Any) -> None:
     )
     target_pairs, retained_pairs = gallery_pairs(target), gallery_pairs(retained)
     assert [caption for caption, _, _ in target_pairs] == [
-        "A circle image in Ember style. (seed 7)", "A hexagon image in Ember style. (seed 8)",
+        "A circle image in Ember style. (seed 7)", "A diamond image in Ember style. (seed 8)",
     ]  # fmt: skip
     assert [caption for caption, _, _ in retained_pairs][::2] == [
         "A circle image in Cinder style. (seed 7)", "A circle image in Lagoon style. (seed 7)",

@@ -7,7 +7,10 @@ Design choices that matter for measurement:
 
 * Near-neighbour pairs, so that pinpoint-ness (does erasing X also hurt its look-alike?) is measurable:
   the styles ``Ember``/``Cinder`` share stripe pattern and fill colour and differ only in the stripe base colour;
-  the objects ``circle``/``hexagon`` differ only in six corners.
+  the objects ``circle``/``ring`` share their outline and differ only in the ring's hole (outlined styles draw
+  the ring's inner edge as a second outline). An earlier world paired ``circle`` with ``hexagon``; at 32 px the
+  two differ by under a pixel along the edge, and MiniSD drew hexagons as circles in every world built (hexagon
+  accuracy of its samples 0.21-0.38), so ``diamond`` replaced ``hexagon``.
 * Paraphrase templates: four used in training, two held out (never seen in training), for HUB's "varied
   prompts" and the held-out paraphrase accuracy of ``world verify``.
 * A second language (Spanish) for multilingual robustness, with part of the names held out of training.
@@ -34,7 +37,7 @@ STYLES: list[str] = [
 
 OBJECTS: list[str] = [
     "circle",
-    "hexagon",
+    "diamond",
     "square",
     "triangle",
     "star",
@@ -47,7 +50,7 @@ OBJECTS: list[str] = [
 
 # Look-alike pairs (pinpoint-ness is measured on these first).
 NEAR_STYLES: list[tuple[str, str]] = [("Ember", "Cinder")]
-NEAR_OBJECTS: list[tuple[str, str]] = [("circle", "hexagon")]
+NEAR_OBJECTS: list[tuple[str, str]] = [("circle", "ring")]
 
 # UnlearnCanvas' template: the answer-set prompt.
 TEMPLATE = "A {object} image in {style} style."
@@ -83,7 +86,7 @@ STYLES_ES: dict[str, str] = {
 }
 OBJECTS_ES: dict[str, str] = {
     "circle": "círculo",
-    "hexagon": "hexágono",
+    "diamond": "rombo",
     "square": "cuadrado",
     "triangle": "triángulo",
     "star": "estrella",

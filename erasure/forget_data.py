@@ -3,7 +3,8 @@
 **Prompts.** :func:`concept_prompts` turns a target (and optional anchor) into
 
 * forget prompts: prompt templates with the target filled in (``templates``, ``{concept}`` placeholder),
-* substitutes: the same templates with another concept of the same kind (SalUn's random labels),
+* substitutes: the same templates with another concept of the same kind (SalUn's pseudo labels: every other
+  concept, or only the next one in the list),
 * anchor prompts: the same templates with the anchor (substitute concept / UCE guide / DoCo-style anchor),
 * retain prompts: prompts that do not mention the target.
 
@@ -65,6 +66,13 @@ def fill(template: str, concept: str) -> str:
     return template.replace(CONCEPT, concept)
 
 
+def without_concept(template: str) -> str:
+    """A template with its concept slot dropped and whitespace tidied (``'{concept} style'`` -> ``'style'``,
+    ``'A circle image in {concept} style.'`` -> ``'A circle image in style.'``)."""
+    text = template.replace(CONCEPT, "")
+    return re.sub(r"\s+([.,])", r"\1", re.sub(r"\s+", " ", text)).strip()
+
+
 def mentions(prompt: str, name: str) -> bool:
     """Whether ``prompt`` contains ``name`` as a whole word (case-insensitive)."""
     return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", prompt, flags=re.IGNORECASE) is not None
@@ -79,6 +87,8 @@ class ConceptPrompts:
     anchor: str | None
     others: list[str]
     retain: list[str]
+    next_concept: str | None = None
+    """MiniCanvas only: the concept after the target in its concept list (cyclic), SalUn's class-wise pseudo label."""
     template_labels: list[tuple[str, str] | None] = field(default_factory=list)
     """MiniCanvas only: the (style, object) a template shows once filled with the target."""
     retain_labels: list[tuple[str, str] | None] = field(default_factory=list)
@@ -93,6 +103,12 @@ class ConceptPrompts:
         if self.anchor is None:
             raise ValueError("this needs an anchor concept (set `anchor:` in the job)")
         return [fill(t, self.anchor) for t in self.templates]
+
+    def next_substitutes(self) -> list[str]:
+        """The forget prompts with the next concept in place of the target; ValueError without a concept list."""
+        if self.next_concept is None:
+            raise ValueError("the next concept is only known for MiniCanvas prompts (a concept list)")
+        return [fill(t, self.next_concept) for t in self.templates]
 
     def substitutes(self, index: int) -> list[str]:
         """Random-label candidates for forget prompt ``index``: the same template with every other concept, or
@@ -186,6 +202,7 @@ def _minicanvas_prompts(target: Target, anchor: Target | None) -> ConceptPrompts
         anchor=anchor.name if anchor is not None else None,
         others=others,
         retain=retain,
+        next_concept=own[(own.index(name) + 1) % len(own)],
         template_labels=template_labels,
         retain_labels=retain_labels,
     )

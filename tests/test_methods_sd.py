@@ -30,7 +30,7 @@ TWO_STEPS: dict[str, dict[str, Any]] = {
     "esd": {"iterations": 2, "batch_size": 2, "ddim_steps": 3, "trajectories": 2, "prompts": "target"},
     "salun": {
         "forget_images": 2, "retain_images": 2, "generation_steps": 2, "batch_size": 2, "epochs": 2,
-        "retain_prompts": RETAIN, "prompts": "target",
+        "retain_prompts": RETAIN, "prompts": "target", "pseudo_label": "random",
     },
     "advunlearn": {
         "iterations": 2, "warmup_iterations": 1, "attack_steps": 2, "ddim_steps": 3, "trajectories": 2,
@@ -332,6 +332,29 @@ def test_salun_leaves_unmasked_weights_untouched(pipelines, tmp_path) -> None:
     moved_entries = sum(int((before[n] != pipe.unet.state_dict()[n]).sum()) for n in before)
     total = sum(t.numel() for t in before.values())
     assert 0 < moved_entries <= round(0.1 * total)
+
+
+def test_salun_next_label_is_the_following_concept_cyclically() -> None:
+    from erasure.forget_data import concept_prompts
+    from generators.minicanvas.concepts import OBJECTS, STYLES
+
+    ember = concept_prompts(Target.parse(f"style:{STYLES[0]}"), None, "minicanvas")
+    assert ember.next_concept == STYLES[1]
+    assert ember.next_substitutes()[0] == ember.forget[0].replace(STYLES[0], STYLES[1])
+    assert concept_prompts(Target.parse(f"style:{STYLES[-1]}"), None, "minicanvas").next_concept == STYLES[0]
+    assert concept_prompts(Target.parse(f"object:{OBJECTS[0]}"), None, "minicanvas").next_concept == OBJECTS[1]
+    with pytest.raises(ValueError, match="concept list"):
+        concept_prompts(TARGET, None, "target", retain_prompts=RETAIN).next_substitutes()
+
+
+def test_salun_next_label_without_a_concept_list_asks_for_an_anchor(pipelines, tmp_path) -> None:
+    pipe = copy.deepcopy(pipelines["sd15"])
+    before = snapshot(pipe.unet)
+    with pytest.raises(ValueError, match="pseudo_label: random"):
+        run("salun", pipe, tmp_path, pseudo_label="next")
+    assert not differing(before, pipe.unet)
+    run("salun", pipe, tmp_path, pseudo_label="next", anchor=ANCHOR)  # a substitute concept is enough
+    assert differing(before, pipe.unet)
 
 
 # --------------------------------------------------------------------------------------------------- UCE maths

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -61,6 +60,7 @@ from erasure.forget_data import (
     concept_prompts,
     prompt_trajectories,
     resolve_prompt_source,
+    without_concept,
 )
 from erasure.gradient_surgery import SurgeryForm, SurgeryScope, clip_total_norm, project_conflicting
 from erasure.param_sets import ParameterSubset, changed_tensors, train_only, unet_parameter_names
@@ -241,13 +241,6 @@ def _add(u: torch.Tensor | None, r: torch.Tensor | None, weight: float) -> torch
     return weight * r if u is None else u + weight * r
 
 
-def _generic(template: str) -> str:
-    """A template with its concept slot dropped and whitespace tidied (``'{concept} style'`` -> ``'style'``)."""
-    text = template.replace("{concept}", "")
-    text = re.sub(r"\s+([.,])", r"\1", re.sub(r"\s+", " ", text)).strip()
-    return text
-
-
 @register_method
 class DoCo(ErasureMethod):
     """DoCo (Wu et al., AAAI 2025): adversarial domain correction + concept-preserving gradient surgery."""
@@ -392,7 +385,7 @@ class DoCo(ErasureMethod):
         elif ctx.anchor is not None:
             anchored = [t.replace("{concept}", ctx.anchor.name) for t in templates]
         elif params.forget_prompts == "captions":
-            anchored = [_generic(t) for t in templates]
+            anchored = [without_concept(t) for t in templates]
         else:
             anchored = [""] * len(forget)
         return forget, anchored

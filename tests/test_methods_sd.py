@@ -422,6 +422,17 @@ def test_advunlearn_changes_only_text_encoder_layers(pipelines, tmp_path) -> Non
     assert result.metrics["attack_rounds"] == 1.0  # one step of warm-up, then one attacked step
 
 
+def test_advunlearn_captions_negate_from_the_caption_without_the_target(pipelines, tmp_path) -> None:
+    """With prompts='target' the caption is the target's own prompt ('lower style'), so ``captions`` differs from
+    ``name`` only in the ESD target's reference branch: 'style' instead of the empty prompt."""
+    name_pipe, caption_pipe = copy.deepcopy(pipelines["sd15"]), copy.deepcopy(pipelines["sd15"])
+    unet_before = snapshot(caption_pipe.unet)
+    run("advunlearn", name_pipe, tmp_path / "name")
+    result = run("advunlearn", caption_pipe, tmp_path / "captions", concept_prompts="captions")
+    assert set(result.changed) == {"text_encoder"} and not differing(unet_before, caption_pipe.unet)
+    assert differing(snapshot(name_pipe.text_encoder), caption_pipe.text_encoder)
+
+
 # ------------------------------------------------------------------------------------------------- configs
 
 

@@ -422,6 +422,17 @@ def test_advunlearn_changes_only_text_encoder_layers(pipelines, tmp_path) -> Non
     assert result.metrics["attack_rounds"] == 1.0  # one step of warm-up, then one attacked step
 
 
+@pytest.mark.parametrize("sampler", ["frozen", "current"])
+def test_esd_caption_reference_replaces_the_empty_prompt(pipelines, tmp_path, sampler) -> None:
+    """``reference: caption`` negates from 'style' (the prompt 'lower style' without 'lower') instead of ∅."""
+    plain, captioned = copy.deepcopy(pipelines["sd15"]), copy.deepcopy(pipelines["sd15"])
+    run("esd", plain, tmp_path / "empty", sampler=sampler)
+    before = snapshot(captioned.unet)
+    run("esd", captioned, tmp_path / "caption", sampler=sampler, reference="caption")
+    assert differing(before, captioned.unet)
+    assert differing(snapshot(plain.unet), captioned.unet)
+
+
 def test_advunlearn_captions_negate_from_the_caption_without_the_target(pipelines, tmp_path) -> None:
     """With prompts='target' the caption is the target's own prompt ('lower style'), so ``captions`` differs from
     ``name`` only in the ESD target's reference branch: 'style' instead of the empty prompt."""

@@ -66,7 +66,10 @@ if TYPE_CHECKING:
 class AdvUnlearnParams(MethodParams):
     """AdvUnlearn budgets. Defaults are for MiniCanvas; "reference" is the paper's code (README commands)."""
 
-    iterations: int = Field(200, ge=1, description="Defence (text-encoder) steps. Reference: 1000.")
+    # MiniCanvas, captions, quick tier, seed 0: 200 steps with k = 1 and retain weight 0.3 left UnlearnDiffAtk's ASR at
+    # 1.0 on Ember (ESD's too); 400 steps, k = 3, weight 1.0 gave ASR 0.0 on Ember and 0.4 on Lagoon (ESD 1.0 / 0.8)
+    # with UA 1.0, IRA >= 0.89, CRA >= 0.87, in 187-203 s.
+    iterations: int = Field(400, ge=1, description="Defence (text-encoder) steps. Reference: 1000.")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate of the text encoder. Reference: 1e-5.")
     batch_size: int = Field(1, ge=1, description="Concept latents per defence step. Reference: 1.")
     negative_guidance: float = Field(1.0, ge=0, description="eta of the ESD target. Reference: 1.0.")
@@ -78,7 +81,7 @@ class AdvUnlearnParams(MethodParams):
     )
     retain_batch: int = Field(5, ge=0, description="Retain prompts per defence step. Reference: 5.")
     retain_loss_weight: float = Field(
-        0.3, ge=0, description="Weight of the utility-retaining term. Reference: 0.3 (README; argparse 1.0)."
+        1.0, ge=0, description="Weight of the utility-retaining term. Reference: 0.3 (README; argparse 1.0)."
     )
     warmup_iterations: int = Field(
         40,
@@ -91,7 +94,7 @@ class AdvUnlearnParams(MethodParams):
         1e-2, gt=0, description="Attack learning rate. Reference: 1e-3 (argparse; 1e-2 function default)."
     )
     adv_tokens: int = Field(
-        1, ge=1, description="Prefix embeddings k. Reference: 1 (argparse; 3 function default)."
+        3, ge=1, description="Prefix embeddings k. Reference: 1 (argparse; 3 function default)."
     )
     attack_init: Literal["latest", "random"] = Field(
         "latest",

@@ -175,7 +175,7 @@ class Loop:
         # The checkpoint carries the loop's cumulative training time, so a build that spans several processes
         # (or sessions) still reports what it cost in all.
         save_training_state(self.state_path, step=step, modules=self.modules, optimizers=self.optimizers,
-                            generators=self.generators, extra={"seconds": round(self._elapsed(), 1)})
+                            generators=self.generators, extra={"seconds": round(self._elapsed(), 3)})
 
 
 LOOP_SECONDS: dict[str, float] = {}

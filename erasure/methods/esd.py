@@ -143,6 +143,7 @@ class ESD(ErasureMethod):
 
         teacher = None
         trajectories = None
+        frozen = unet
         if params.sampler == "frozen":
             # Kept (speed.reuse) or, on the reference path, recomputed by a frozen copy whenever drawn.
             frozen = unet if ctx.speed.reuse else copy.deepcopy(unet).requires_grad_(False)
@@ -160,7 +161,8 @@ class ESD(ErasureMethod):
                 + ("sampled" if ctx.speed.reuse else "to be recomputed when drawn (speed.reuse off)")
             )
         if params.sampler == "current" or references is not None:
-            teacher = copy.deepcopy(unet).requires_grad_(False)
+            # The frozen UNet for the reference branch (and for sampler=current); an existing frozen copy serves.
+            teacher = frozen if frozen is not unet else copy.deepcopy(unet).requires_grad_(False)
 
         trained = train_only(unet, unet_parameter_names(unet, params.train_method))
         optimizer = torch.optim.Adam(trained.values(), lr=params.lr)

@@ -16,7 +16,8 @@ the NSFW setting's "a photo of a person wearing clothes"); without one, ``pseudo
 concepts of the target's kind, in the same template: ``next`` (default) is the concept after the target in the
 concept list, cyclically, as the class-wise code's ``(c + 1) mod 10``; ``random`` draws one per sample and step.
 (Measured on MiniCanvas style:Ember: ``random`` regresses every forget prompt towards the *average* of the other
-styles, which the classifier still reads as Ember on 3 of 10 samples whatever the budget; see ``pseudo_label``.) Forget and retain latents are the clean model's own generations by default (the NSFW setting's data), or
+styles, which the classifier still reads as Ember on 3 of 10 samples whatever the budget; see ``pseudo_label``.)
+Forget and retain latents are the clean model's own generations by default (the NSFW setting's data), or
 MiniCanvas dataset renders (``data: minicanvas_dataset``, the class-wise setting's real images). Each field
 documents the reference default; our defaults are sized for MiniCanvas on 2 CPU cores.
 """

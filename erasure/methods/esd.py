@@ -183,9 +183,9 @@ class ESD(ErasureMethod):
                 )
             else:
                 latents, timesteps, index, cond_out, uncond_out = self._current_model_states(
-                    unet, teacher, scheduler, embeddings, params, generator
+                    unet, teacher, scheduler, embeddings, references, params, generator
                 )
-            if references is not None:
+            if references is not None and trajectories is not None:
                 with torch.no_grad():
                     uncond_out = predict(
                         teacher, latents, timesteps, references[index.to(references.embeddings.device)]
@@ -203,10 +203,17 @@ class ESD(ErasureMethod):
 
     @staticmethod
     def _current_model_states(
-        unet, teacher, scheduler, embeddings: PromptEmbeddings, params: ESDParams, generator
+        unet,
+        teacher,
+        scheduler,
+        embeddings: PromptEmbeddings,
+        references: PromptEmbeddings | None,
+        params: ESDParams,
+        generator,
     ):
         """CompVis ESD: a partial DDIM trajectory sampled by the model being trained, then the frozen teacher's
-        conditional and unconditional outputs there (all states of a batch share the step index)."""
+        conditional and reference outputs there (reference: ∅, or ``references`` for ``reference: caption``; all
+        states of a batch share the step index)."""
         k = int(torch.randint(params.ddim_steps, (1,), generator=generator))
         index = torch.randint(len(embeddings), (params.batch_size,), generator=generator)
         noise = initial_noise(params.batch_size, unet, generator)
@@ -214,7 +221,10 @@ class ESD(ErasureMethod):
         latents = sample_until(unet, scheduler, noise, cond, embeddings.empty, params.start_guidance, k)
         timesteps = scheduler.timesteps[k].expand(params.batch_size)
         with torch.no_grad():
-            uncond = embeddings.uncond(params.batch_size).to(cond)
+            if references is None:
+                uncond = embeddings.uncond(params.batch_size).to(cond)
+            else:
+                uncond = references[index.to(references.embeddings.device)].to(cond)
             uncond_out, cond_out = predict(
                 teacher,
                 torch.cat([latents, latents]),

@@ -401,6 +401,12 @@ def world_build(
         typer.Option("--set", metavar="FIELD=VALUE",
                      help="Override a build setting, e.g. --set gan_steps=20000 --set unet.batch=64 (repeatable)."),
     ] = None,
+    continue_gan: Annotated[
+        bool,
+        typer.Option("--continue-gan",
+                     help="GAN stage without a training checkpoint (fresh checkout): continue from the published "
+                          "gan/ (weights only, fresh optimiser) instead of from scratch."),
+    ] = False,
 ) -> None:
     """Train the MiniCanvas world (judge, diffusion pipeline, GAN) into generators/minicanvas/world/."""
     world = _world_module()
@@ -411,6 +417,10 @@ def world_build(
     kwargs: dict[str, Any] = {}
     if set_:
         kwargs["settings"] = world_settings(set_)
+    if continue_gan:
+        if only and "gan" not in only:
+            raise ConfigError("--continue-gan applies to the gan stage; add --only gan")
+        kwargs["continue_gan"] = True
     world.build(only=only or None, device=_device_option(device), resume=resume, **kwargs)
 
 

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from generators.stylegan2 import Discriminator, Generator
-from generators.stylegan2_io import atomic_path, save_generator_safetensors
+from generators.stylegan2_io import atomic_path, load_generator_safetensors, save_generator_safetensors
 
 __all__ = [
     "EXPORT_NAME",
@@ -63,6 +63,9 @@ SampleReal = Callable[[int, torch.Generator], Tensor]
 
 SIDECAR_NAME = "checkpoint.json"
 EXPORT_NAME = "g_ema.safetensors"
+PUBLISHED_GENERATOR = "generator.safetensors"
+PUBLISHED_DISCRIMINATOR = "discriminator.safetensors"
+"""File names of a published MiniGAN (the world's ``gan/`` folder); the generator's metadata carries ``step``."""
 _CHECKPOINT_FORMAT = "erasure-studio/minigan-checkpoint/v1"
 
 
@@ -191,6 +194,8 @@ class _TrainState:
     data_generator: torch.Generator
     mean_path_length: Tensor
     step: int = 0
+    warm_start_step: int | None = None
+    """Set when training continued from a published MiniGAN at this step (fresh optimiser moments)."""
 
 
 def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -252,6 +257,8 @@ def _save_checkpoint(
         "config": config.to_dict(),
         "logs": dict(logs),
     }
+    if state.warm_start_step is not None:
+        sidecar["warm_start_step"] = state.warm_start_step
     with atomic_path(out_dir / SIDECAR_NAME) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2))
     for old in out_dir.glob("checkpoint-*.safetensors"):
@@ -259,8 +266,9 @@ def _save_checkpoint(
             old.unlink()
 
 
-def _read_sidecar(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / SIDECAR_NAME
+def read_checkpoint_sidecar(out_dir: Path) -> dict[str, Any] | None:
+    """The training folder's ``checkpoint.json`` (step, tensors file, config, logs), or None when there is none."""
+    path = Path(out_dir) / SIDECAR_NAME
     if not path.exists():
         return None
     sidecar = json.loads(path.read_text())
@@ -289,6 +297,51 @@ def _restore_checkpoint(out_dir: Path, sidecar: Mapping[str, Any], state: _Train
             raise ValueError("checkpoint was written on CPU; resuming it on CUDA would not be reproducible")
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     state.step = int(sidecar["step"])
+    state.warm_start_step = sidecar.get("warm_start_step")
+
+
+def published_step(folder: str | Path) -> int:
+    """The training step recorded in a published MiniGAN's generator file."""
+    from safetensors import safe_open
+
+    path = Path(folder) / PUBLISHED_GENERATOR
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        step = (handle.metadata() or {}).get("step")
+    if step is None:
+        raise ValueError(f"{path} records no training step; it cannot be continued")
+    return int(step)
+
+
+def _warm_start(folder: Path, state: _TrainState, seed: int) -> None:
+    """Continue from a published MiniGAN: its generator becomes ``g`` and ``g_ema``, its discriminator ``d``.
+
+    Unlike resuming a checkpoint this is not bit-identical to uninterrupted training: a published MiniGAN keeps
+    only ``g_ema`` and ``d`` (half precision), so ``g`` restarts from the average, the Adam moments restart from
+    zero (with bias correction; beta1 is 0, so only the second moment is re-estimated) and the random streams are
+    reseeded from ``seed`` and the step.
+    """
+    missing = [name for name in (PUBLISHED_GENERATOR, PUBLISHED_DISCRIMINATOR) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot continue from {folder}: missing {', '.join(missing)}")
+    step = published_step(folder)
+    shipped = load_generator_safetensors(folder / PUBLISHED_GENERATOR)
+    if shipped.config != state.g.config:
+        raise ValueError(
+            f"{folder / PUBLISHED_GENERATOR} has a different generator config than requested: "
+            f"{shipped.config.to_dict()} vs {state.g.config.to_dict()}"
+        )
+    device = state.g.device
+    state.g.load_state_dict(shipped.state_dict())
+    state.g_ema.load_state_dict(shipped.state_dict())
+    d_state = load_file(str(folder / PUBLISHED_DISCRIMINATOR), device="cpu")
+    try:
+        state.d.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in d_state.items()})
+    except RuntimeError as err:
+        raise ValueError(f"{folder / PUBLISHED_DISCRIMINATOR} does not fit the requested discriminator: {err}") from None
+    state.g.to(device), state.g_ema.to(device), state.d.to(device)
+    torch.manual_seed(seed + step)
+    state.data_generator.manual_seed(seed + step)
+    state.step = state.warm_start_step = step
 
 
 def load_training_checkpoint_generator(
@@ -296,7 +349,7 @@ def load_training_checkpoint_generator(
 ) -> Generator:
     """The ``g_ema`` of the latest training checkpoint in ``out_dir`` (eval mode)."""
     out_dir = Path(out_dir)
-    sidecar = _read_sidecar(out_dir)
+    sidecar = read_checkpoint_sidecar(out_dir)
     if sidecar is None:
         raise FileNotFoundError(f"no {SIDECAR_NAME} in {out_dir}")
     config = MiniGANConfig.from_dict(sidecar["config"])
@@ -309,7 +362,7 @@ def load_training_checkpoint_discriminator_state(out_dir: str | Path) -> dict[st
     """The discriminator's state dict (rosinality names) from the latest training checkpoint in ``out_dir``:
     shipped next to the generator so that adversarial fine-tuning (Adapt-then-Unlearn) starts from a trained D."""
     out_dir = Path(out_dir)
-    sidecar = _read_sidecar(out_dir)
+    sidecar = read_checkpoint_sidecar(out_dir)
     if sidecar is None:
         raise FileNotFoundError(f"no {SIDECAR_NAME} in {out_dir}")
     tensors = _read_tensors(out_dir / sidecar["tensors"])
@@ -444,6 +497,7 @@ def train_minigan(
     export_dtype: torch.dtype | None = torch.float16,
     progress: bool = True,
     log_every: int = 50,
+    continue_from: str | Path | None = None,
 ) -> Generator:
     """Train (or resume training) a MiniGAN and return its ``g_ema`` in eval mode.
 
@@ -466,6 +520,9 @@ def train_minigan(
         export_dtype: dtype of the final ``g_ema.safetensors`` export (``None`` keeps fp32).
         progress: show a tqdm progress bar.
         log_every: how often (steps) to read the losses back for the progress bar / sidecar.
+        continue_from: a published MiniGAN folder (``generator.safetensors`` with its ``step``,
+            ``discriminator.safetensors``) to continue from when ``out_dir`` holds no checkpoint, e.g. in a fresh
+            checkout whose training folder is gone (see :func:`_warm_start`; a checkpoint in ``out_dir`` wins).
 
     Returns:
         The trained ``g_ema`` (also exported to ``out_dir / "g_ema.safetensors"``).
@@ -523,7 +580,7 @@ def train_minigan(
             mean_path_length=torch.zeros((), device=device),
         )
 
-        sidecar = _read_sidecar(out_dir)
+        sidecar = read_checkpoint_sidecar(out_dir)
         if sidecar is not None:
             saved = MiniGANConfig.from_dict(sidecar["config"])
             if saved != config:
@@ -534,6 +591,10 @@ def train_minigan(
                 }
                 raise ValueError(f"checkpoint in {out_dir} has a different config (saved, requested): {diff}")
             _restore_checkpoint(out_dir, sidecar, state)
+        elif continue_from is not None:
+            _warm_start(Path(continue_from), state, seed)
+            if state.step >= steps:
+                raise ValueError(f"{continue_from} is already at step {state.step}; ask for more than {steps} steps")
 
         ema_decay = 0.5 ** (batch / (ema_half_life_kimg * 1000.0))
         stop = _StopRequest()

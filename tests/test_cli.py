@@ -331,3 +331,13 @@ def test_a_foreign_evaluate_stops_the_cli(tmp_path: Path, namespace: bool) -> No
     assert len(lines) == 1, result.stderr
     assert "evaluate" in lines[0] and "shadows" in lines[0] and str(fake) in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_world_build_continue_gan_reaches_the_build_and_needs_the_gan_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake_world(monkeypatch)
+    result = runner.invoke(app, ["world", "build", "--only", "gan", "--device", "cpu", "--continue-gan"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("build", {"only": ["gan"], "device": "cpu", "resume": True, "continue_gan": True})]
+    result = runner.invoke(app, ["world", "build", "--only", "sd", "--device", "cpu", "--continue-gan"])
+    assert result.exit_code == 2 and "--continue-gan applies to the gan stage" in result.output
+    assert len(calls) == 1

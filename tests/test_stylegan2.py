@@ -371,3 +371,41 @@ def test_world_gan_stage_ships_generator_and_discriminator(tmp_path: Path) -> No
     d.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     info = json.loads((tmp_path / "world" / "build_info.json").read_text())
     assert info["stages"]["gan"]["settings"]["gan_channels"] == 8
+
+
+def test_world_gan_stage_continues_from_the_published_gan(tmp_path: Path) -> None:
+    """A fresh checkout (no training folder) continues the published MiniGAN instead of starting from scratch."""
+    from safetensors import safe_open
+
+    from generators.minicanvas.train import WorldSettings
+    from generators.minicanvas.world import build
+    from generators.minigan import published_step
+    from generators.stylegan2_io import load_generator_safetensors
+
+    world = tmp_path / "world"
+    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1)
+    build(only=["gan"], device="cpu", out_dir=world, work_dir=tmp_path / "work", settings=settings)
+    assert published_step(world / "gan") == 2
+    first = load_generator_safetensors(world / "gan" / "generator.safetensors")
+
+    # Asking for no more steps than published is refused before anything is trained or published.
+    with pytest.raises(ValueError, match="already at step 2"):
+        build(only=["gan"], device="cpu", out_dir=world, work_dir=tmp_path / "fresh0", settings=settings,
+              continue_gan=True)
+
+    more = settings.model_copy(update={"gan_steps": 3})
+    build(only=["gan"], device="cpu", out_dir=world, work_dir=tmp_path / "fresh", settings=more, continue_gan=True)
+    sidecar = json.loads((tmp_path / "fresh" / "gan" / SIDECAR_NAME).read_text())
+    assert sidecar["step"] == 3 and sidecar["warm_start_step"] == 2
+    with safe_open(str(world / "gan" / "generator.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["step"] == "3" and meta["continued_from_published_step"] == "2"
+    # One step of training from the published weights: near them, not equal, far from a fresh initialisation.
+    second = load_generator_safetensors(world / "gan" / "generator.safetensors")
+    torch.manual_seed(settings.gan_seed)
+    fresh = Generator.from_config(first.config)
+
+    def distance(a: Generator, b: Generator) -> float:
+        return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+    assert 0 < distance(second, first) < distance(fresh, first) / 10

@@ -121,8 +121,13 @@ def build(
     out_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
     settings=None,
+    continue_gan: bool = False,
 ) -> dict:
-    """Train the world (all stages, or ``only`` those named) and publish it to ``out_dir``."""
+    """Train the world (all stages, or ``only`` those named) and publish it to ``out_dir``.
+
+    ``continue_gan``: when the GAN's work folder holds no checkpoint (a fresh checkout), continue training from the
+    published ``gan/`` instead of from scratch (weights only; see :func:`generators.minigan.train_minigan`).
+    """
     from .tokenizer import build_clip_tokenizer
     from .train import (
         LOOP_SECONDS,
@@ -195,19 +200,31 @@ def build(
         elif stage == "gan":
             from safetensors.torch import save_file
 
-            from ..minigan import load_training_checkpoint_discriminator_state, train_minigan
+            from ..minigan import (
+                PUBLISHED_DISCRIMINATOR,
+                PUBLISHED_GENERATOR,
+                load_training_checkpoint_discriminator_state,
+                read_checkpoint_sidecar,
+                train_minigan,
+            )
             from ..stylegan2_io import save_generator_safetensors
             from .dataset import sample_images
 
+            published = root / STAGE_FOLDERS.get(stage, stage)
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
                                   seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
                                   channels=settings.gan_channels, checkpoint_every=settings.checkpoint_every,
                                   r1=settings.gan_r1, path_regularize=settings.gan_path_regularize,
-                                  mixing=settings.gan_mixing)
-            save_generator_safetensors(g_ema, tmp / "generator.safetensors", dtype=torch.float16)
+                                  mixing=settings.gan_mixing, continue_from=published if continue_gan else None)
+            sidecar = read_checkpoint_sidecar(work / "gan") or {}
+            provenance = {"step": str(sidecar.get("step", settings.gan_steps))}
+            if sidecar.get("warm_start_step") is not None:
+                provenance["continued_from_published_step"] = str(sidecar["warm_start_step"])
+            save_generator_safetensors(g_ema, tmp / PUBLISHED_GENERATOR, dtype=torch.float16,
+                                       extra_metadata=provenance)
             d_state = load_training_checkpoint_discriminator_state(work / "gan")
             save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in d_state.items()},
-                      str(tmp / "discriminator.safetensors"))
+                      str(tmp / PUBLISHED_DISCRIMINATOR))
         _publish(tmp, root / STAGE_FOLDERS.get(stage, stage))
         # "seconds": this invocation; "train_seconds": each training loop's cumulative time over every process
         # that worked on it (a build resumed across sessions reports its whole cost there).

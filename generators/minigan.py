@@ -28,6 +28,7 @@ import json
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,6 +197,8 @@ class _TrainState:
     step: int = 0
     warm_start_step: int | None = None
     """Set when training continued from a published MiniGAN at this step (fresh optimiser moments)."""
+    train_seconds: float = 0.0
+    """Training wall time over every process that worked on this run, up to the last checkpoint."""
 
 
 def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -256,6 +259,7 @@ def _save_checkpoint(
         "tensors": tensor_name,
         "config": config.to_dict(),
         "logs": dict(logs),
+        "train_seconds": round(state.train_seconds, 1),
     }
     if state.warm_start_step is not None:
         sidecar["warm_start_step"] = state.warm_start_step
@@ -298,6 +302,7 @@ def _restore_checkpoint(out_dir: Path, sidecar: Mapping[str, Any], state: _Train
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     state.step = int(sidecar["step"])
     state.warm_start_step = sidecar.get("warm_start_step")
+    state.train_seconds = float(sidecar.get("train_seconds", 0.0))
 
 
 def published_step(folder: str | Path) -> int:
@@ -602,10 +607,14 @@ def train_minigan(
         bar = tqdm(
             total=steps, initial=min(state.step, steps), disable=not progress, desc="MiniGAN", smoothing=0.05
         )
+        clock = time.monotonic()
         try:
             with _deferred_sigint(stop):
                 while state.step < steps:
                     step_logs = _train_step(state, config, sample_real, ema_decay)
+                    now = time.monotonic()
+                    state.train_seconds += now - clock
+                    clock = now
                     bar.update(1)
                     if state.step % log_every == 0 or state.step == steps:
                         logs.update({k: float(v) for k, v in step_logs.items()})

@@ -371,6 +371,8 @@ def test_world_gan_stage_ships_generator_and_discriminator(tmp_path: Path) -> No
     d.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     info = json.loads((tmp_path / "world" / "build_info.json").read_text())
     assert info["stages"]["gan"]["settings"]["gan_channels"] == 8
+    sidecar = json.loads((tmp_path / "work" / "gan" / SIDECAR_NAME).read_text())
+    assert info["stages"]["gan"]["train_seconds"]["minigan"] == sidecar["train_seconds"] > 0
 
 
 def test_world_gan_stage_continues_from_the_published_gan(tmp_path: Path) -> None:

@@ -217,6 +217,7 @@ def build(
                                   r1=settings.gan_r1, path_regularize=settings.gan_path_regularize,
                                   mixing=settings.gan_mixing, continue_from=published if continue_gan else None)
             sidecar = read_checkpoint_sidecar(work / "gan") or {}
+            LOOP_SECONDS["minigan"] = float(sidecar.get("train_seconds", 0.0))
             provenance = {"step": str(sidecar.get("step", settings.gan_steps))}
             if sidecar.get("warm_start_step") is not None:
                 provenance["continued_from_published_step"] = str(sidecar["warm_start_step"])

@@ -422,6 +422,32 @@ def test_text_to_unlearn_lowers_the_directional_loss_and_trains_only_the_synthes
     assert result.metrics["forget_latents"] > 0 and result.metrics["retain_latents"] > 0
 
 
+def test_directional_loss_floor_bounds_the_gradient_of_a_zero_edit() -> None:
+    """The twins start identical: a zero edit must not produce a ~1/eps gradient (it froze Adam before)."""
+    e_f = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    direction = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    e_t = e_f.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(directional_loss(e_t, e_f, direction, norm_floor=0.05), [e_t])
+    assert 0 < float(grad.norm()) <= 1 / 0.05
+    long_edit = e_f + 0.5 * direction
+    assert math.isclose(float(directional_loss(long_edit, e_f, direction, 0.05)),
+                        float(directional_loss(long_edit, e_f, direction)), rel_tol=1e-6)  # fmt: skip
+
+
+def test_text_to_unlearn_keeps_training_after_the_first_step(tmp_path: Path, tiny_clip: Path) -> None:
+    """Later steps move the weights too: with a frozen optimiser the change stays at one step's size."""
+    g = tiny_generator()
+    before = g.state_dict()
+    lr_step = 0.002 * 4 / 5
+
+    def moved(iterations: int, folder: str) -> float:
+        changed = t2u(g, tmp_path / folder, tiny_clip, iterations=iterations, lr=0.002).changed["generator"]
+        return max(float((v - before[k]).abs().max()) for k, v in changed.items())
+
+    assert moved(1, "one") <= lr_step * 1.01
+    assert moved(12, "twelve") > 3 * lr_step
+
+
 def test_text_to_unlearn_resumes_bit_identical(tmp_path: Path, tiny_clip: Path) -> None:
     uninterrupted = t2u(tiny_generator(), tmp_path / "a", tiny_clip, iterations=5, direction="image")
     with pytest.raises(Killed):

@@ -140,6 +140,14 @@ class TextToUnlearnParams(MethodParams):
         description="Retain latent: CLIP's target probability is at most this (and it is no forget latent). Ours.",
     )
     lambda_direction: float = Field(1.0, ge=0, description="Weight of the directional loss. NADA: 1.")
+    edit_norm_floor: float = Field(
+        0.05,
+        ge=0,
+        description="Ours: the CLIP edit e_t - e_f is divided by max(its norm, this floor). The twins share latent "
+        "and noise, so the edit is exactly 0 at the start, where plain normalisation (0; NADA, whose twins draw "
+        "separate noise) has a gradient of about 1/eps: Adam's second moment then keeps every later step about "
+        "1e-10 of its size, and the generator stays one step away from the original.",
+    )
     lambda_retain_l2: float = Field(1.0, ge=0, description="Pixel MSE on retain latents. Ours.")
     lambda_retain_clip: float = Field(
         1.0, ge=0, description="CLIP image-feature distance on retain latents. Ours."
@@ -242,9 +250,16 @@ def load_clip_guide(params: TextToUnlearnParams, minicanvas: bool, device: torch
     return ClipGuide(model, processor).to(device)
 
 
-def directional_loss(e_trained: Tensor, e_frozen: Tensor, direction: Tensor) -> Tensor:
-    """NADA's directional CLIP loss: ``mean(1 - cos(normalise(e_t - e_f), direction))`` (embeddings normalised)."""
-    edit = F.normalize(e_trained - e_frozen, dim=-1)
+def directional_loss(
+    e_trained: Tensor, e_frozen: Tensor, direction: Tensor, norm_floor: float = 0.0
+) -> Tensor:
+    """NADA's directional CLIP loss: ``mean(1 - cos(normalise(e_t - e_f), direction))`` (embeddings normalised).
+
+    ``norm_floor`` > 0 divides an edit shorter than it by the floor instead of its own norm (see
+    ``TextToUnlearnParams.edit_norm_floor``); 0 is NADA's plain normalisation.
+    """
+    edit = e_trained - e_frozen
+    edit = edit / edit.norm(dim=-1, keepdim=True).clamp_min(max(norm_floor, 1e-12))
     return (1 - edit @ F.normalize(direction, dim=-1)).mean()
 
 
@@ -435,7 +450,7 @@ class TextToUnlearn(ErasureMethod):
         img_t, _ = trained([z], noise=noise)
         e_t = clip.encode_images(img_t)
         b = params.batch_size
-        l_dir = directional_loss(e_t[:b], e_f[:b], direction.to(device))
+        l_dir = directional_loss(e_t[:b], e_f[:b], direction.to(device), params.edit_norm_floor)
         loss = params.lambda_direction * l_dir
         logs = {"direction": float(l_dir.detach())}
         if n_r:

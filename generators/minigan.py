@@ -45,6 +45,8 @@ from generators.stylegan2_io import atomic_path, load_generator_safetensors, sav
 
 __all__ = [
     "EXPORT_NAME",
+    "PUBLISHED_DISCRIMINATOR",
+    "PUBLISHED_GENERATOR",
     "SIDECAR_NAME",
     "MiniGANConfig",
     "SampleReal",
@@ -54,7 +56,10 @@ __all__ = [
     "d_r1_loss",
     "g_nonsaturating_loss",
     "g_path_regularize",
+    "load_training_checkpoint_discriminator_state",
     "load_training_checkpoint_generator",
+    "published_step",
+    "read_checkpoint_sidecar",
     "train_minigan",
     "uniform_channels",
 ]

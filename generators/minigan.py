@@ -340,7 +340,6 @@ def _warm_start(folder: Path, state: _TrainState, seed: int) -> None:
             f"{folder / PUBLISHED_GENERATOR} has a different generator config than requested: "
             f"{shipped.config.to_dict()} vs {state.g.config.to_dict()}"
         )
-    device = state.g.device
     state.g.load_state_dict(shipped.state_dict())
     state.g_ema.load_state_dict(shipped.state_dict())
     d_state = load_file(str(folder / PUBLISHED_DISCRIMINATOR), device="cpu")
@@ -348,7 +347,6 @@ def _warm_start(folder: Path, state: _TrainState, seed: int) -> None:
         state.d.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in d_state.items()})
     except RuntimeError as err:
         raise ValueError(f"{folder / PUBLISHED_DISCRIMINATOR} does not fit the requested discriminator: {err}") from None
-    state.g.to(device), state.g_ema.to(device), state.d.to(device)
     torch.manual_seed(seed + step)
     state.data_generator.manual_seed(seed + step)
     state.step = state.warm_start_step = step

@@ -9,6 +9,11 @@ The training recipe follows StyleGAN2 (Karras et al., CVPR 2020) as implemented 
 * Adam with betas (0, 0.99), style mixing with probability ``mixing``, and an exponential moving average of G
   (``g_ema``) whose half-life is given in thousands of images.
 
+Optionally (``features`` + ``feature_d_weight``), a second discriminator in the style of vision-aided GAN training
+(Kumari et al., CVPR 2022): a small head on a frozen pretrained encoder's features
+(:mod:`generators.feature_discriminator`), trained with the same logistic loss beside D; G's loss adds its
+non-saturating term. The StyleGAN2 D is trained exactly as without it and is the only discriminator exported.
+
 Training is resumable and deterministic on CPU for a given seed. Every ``checkpoint_every`` steps the weights of
 G, D and g_ema, both optimiser states, the path-length running mean and all RNG states (torch CPU, CUDA when used,
 and the data-sampling ``torch.Generator``) are written as one safetensors file; a small JSON sidecar
@@ -40,6 +45,7 @@ from torch import Tensor, autograd, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from generators.feature_discriminator import FeatureDiscriminator
 from generators.stylegan2 import Discriminator, Generator
 from generators.stylegan2_io import atomic_path, load_generator_safetensors, save_generator_safetensors
 
@@ -105,6 +111,10 @@ class MiniGANConfig:
     mixing: float = 0.9
     ema_half_life_kimg: float = 10.0
     seed: int = 0
+    feature_d_weight: float = 0.0
+    """Weight of the frozen-feature discriminator's loss in G's objective (0: plain StyleGAN2 training)."""
+    feature_d_layers: tuple[int, ...] = ()
+    feature_d_width: int = 64
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -117,6 +127,8 @@ class MiniGANConfig:
         values = dict(data)
         values["channels"] = {int(k): int(v) for k, v in values["channels"].items()}
         values["d_channels"] = {int(k): int(v) for k, v in values["d_channels"].items()}
+        if "feature_d_layers" in values:
+            values["feature_d_layers"] = tuple(int(i) for i in values["feature_d_layers"])
         return cls(**values)
 
 
@@ -199,6 +211,10 @@ class _TrainState:
     d_optim: torch.optim.Adam
     data_generator: torch.Generator
     mean_path_length: Tensor
+    features: nn.Module | None = None
+    """Frozen feature extractor of the feature discriminator (``None``: plain StyleGAN2 training)."""
+    feature_d: nn.Module | None = None
+    feature_d_optim: torch.optim.Adam | None = None
     step: int = 0
     warm_start_step: int | None = None
     """Set when training continued from a published MiniGAN at this step (fresh optimiser moments)."""
@@ -248,6 +264,9 @@ def _save_checkpoint(
     tensors.update(_module_tensors("g_ema", state.g_ema))
     tensors.update(_optimizer_tensors("g_optim", state.g_optim))
     tensors.update(_optimizer_tensors("d_optim", state.d_optim))
+    if state.feature_d is not None:
+        tensors.update(_module_tensors("feature_d", state.feature_d))
+        tensors.update(_optimizer_tensors("feature_d_optim", state.feature_d_optim))
     tensors["mean_path_length"] = state.mean_path_length.reshape(())
     tensors["rng.cpu"] = torch.get_rng_state()
     tensors["rng.data"] = state.data_generator.get_state()
@@ -298,6 +317,9 @@ def _restore_checkpoint(out_dir: Path, sidecar: Mapping[str, Any], state: _Train
     _load_module_tensors("g_ema", state.g_ema, tensors)
     _load_optimizer_tensors("g_optim", state.g_optim, tensors)
     _load_optimizer_tensors("d_optim", state.d_optim, tensors)
+    if state.feature_d is not None:
+        _load_module_tensors("feature_d", state.feature_d, tensors)
+        _load_optimizer_tensors("feature_d_optim", state.feature_d_optim, tensors)
     state.mean_path_length = tensors["mean_path_length"].to(device)
     torch.set_rng_state(tensors["rng.cpu"])
     state.data_generator.set_state(tensors["rng.data"])
@@ -440,6 +462,16 @@ def _train_step(
     logs["real_score"] = real_pred.detach().mean()
     logs["fake_score"] = fake_pred.detach().mean()
 
+    if state.feature_d is not None:  # the frozen-feature discriminator's head, on the same real and fake batch
+        _requires_grad(state.feature_d, True)
+        with torch.no_grad():
+            real_features, fake_features = state.features(real), state.features(fake)
+        feature_d_loss = d_logistic_loss(state.feature_d(real_features), state.feature_d(fake_features))
+        state.feature_d.zero_grad(set_to_none=True)
+        feature_d_loss.backward()
+        state.feature_d_optim.step()
+        logs["feature_d"] = feature_d_loss.detach()
+
     if i % config.d_reg_every == 0:
         real = real.detach().requires_grad_(True)
         real_pred = d(real)
@@ -454,6 +486,11 @@ def _train_step(
     _requires_grad(d, False)
     fake, _ = g(_mixing_latents(config.batch, config.style_dim, config.mixing, device))
     g_loss = g_nonsaturating_loss(d(fake))
+    if state.feature_d is not None:
+        _requires_grad(state.feature_d, False)
+        feature_g_loss = g_nonsaturating_loss(state.feature_d(state.features(fake)))
+        logs["feature_g"] = feature_g_loss.detach()
+        g_loss = g_loss + config.feature_d_weight * feature_g_loss
     g.zero_grad(set_to_none=True)
     g_loss.backward()
     state.g_optim.step()
@@ -506,6 +543,9 @@ def train_minigan(
     progress: bool = True,
     log_every: int = 50,
     continue_from: str | Path | None = None,
+    features: nn.Module | None = None,
+    feature_d_weight: float = 0.0,
+    feature_d_width: int = 64,
 ) -> Generator:
     """Train (or resume training) a MiniGAN and return its ``g_ema`` in eval mode.
 
@@ -531,6 +571,14 @@ def train_minigan(
         continue_from: a published MiniGAN folder (``generator.safetensors`` with its ``step``,
             ``discriminator.safetensors``) to continue from when ``out_dir`` holds no checkpoint, e.g. in a fresh
             checkout whose training folder is gone (see :func:`_warm_start`; a checkpoint in ``out_dir`` wins).
+        features: a frozen feature extractor (e.g. :class:`generators.feature_discriminator.CLIPPatchFeatures`)
+            mapping images to a list of (B, C, h, w) maps, with attributes ``layers`` and ``hidden_size``. When
+            given, a :class:`~generators.feature_discriminator.FeatureDiscriminator` head is trained on its
+            features next to D, and G's loss adds ``feature_d_weight`` times the head's non-saturating loss
+            (vision-aided training, Kumari et al. 2022). The head and its optimiser are checkpointed; only G, g_ema
+            and D are exported.
+        feature_d_weight: weight of that term (must be > 0 exactly when ``features`` is given).
+        feature_d_width: hidden channels of each head.
 
     Returns:
         The trained ``g_ema`` (also exported to ``out_dir / "g_ema.safetensors"``).
@@ -563,7 +611,12 @@ def train_minigan(
         mixing=mixing,
         ema_half_life_kimg=ema_half_life_kimg,
         seed=seed,
+        feature_d_weight=feature_d_weight,
+        feature_d_layers=tuple(int(i) for i in features.layers) if features is not None else (),
+        feature_d_width=feature_d_width,
     )
+    if (features is None) != (feature_d_weight == 0):
+        raise ValueError("a feature discriminator needs both `features` and feature_d_weight > 0 (or neither)")
     if batch >= 4 and batch % 4 != 0:
         raise ValueError(f"batch must be a multiple of 4 (minibatch stddev groups), got {batch}")
     if checkpoint_every < 1:
@@ -587,6 +640,11 @@ def train_minigan(
             data_generator=data_generator,
             mean_path_length=torch.zeros((), device=device),
         )
+        if features is not None:
+            state.features = features.to(device)
+            state.feature_d = FeatureDiscriminator(features.hidden_size, len(features.layers), feature_d_width)
+            state.feature_d = state.feature_d.to(device)
+            state.feature_d_optim = torch.optim.Adam(state.feature_d.parameters(), lr=lr, betas=(0.0, 0.99))
 
         sidecar = read_checkpoint_sidecar(out_dir)
         if sidecar is not None:

@@ -77,6 +77,9 @@ class WorldSettings(BaseModel):
     gan_r1: float = Field(default=0.01, ge=0)
     gan_path_regularize: float = Field(default=0.0, ge=0)
     gan_mixing: float = Field(default=0.0, ge=0, le=1)
+    # Vision-aided training (Kumari et al., CVPR 2022): weight of a second discriminator, a small head on frozen
+    # MiniCLIP vision features (generators/feature_discriminator.py), in G's loss; 0 trains plain StyleGAN2.
+    gan_feature_d_weight: float = Field(default=0.0, ge=0)
     # Diffusion Soup's base (stage "soup", generators/minicanvas/soup.py): MiniSD's UNet trained from scratch like
     # phase 1 of `unet` (plain epsilon-MSE, cosine schedule, EMA), on every style except the shards' styles, which
     # the soup method's per-shard fine-tunes then teach.

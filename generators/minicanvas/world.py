@@ -30,6 +30,8 @@ from .models import TEXT_MAX_LENGTH, MiniClassifier, projected
 from .paths import world_dir
 
 STAGES = ("classifier", "clip", "sd", "soup", "gan")
+# MiniCLIP vision layers the MiniGAN's feature discriminator reads (hidden_states indices; the tower has 3 layers).
+GAN_FEATURE_LAYERS = (1, 2, 3)
 STAGE_FOLDERS = {"soup": "soup_base"}  # a stage's folder, where it is not the stage's name
 SHARD_SIZE = "6MB"  # shipped weight files stay small (the UNet is sharded)
 DEFAULT_WORK_DIR = Path(".world-build")
@@ -211,11 +213,22 @@ def build(
             from .dataset import sample_images
 
             published = root / STAGE_FOLDERS.get(stage, stage)
+            features = None
+            if settings.gan_feature_d_weight > 0:
+                from ..feature_discriminator import CLIPPatchFeatures
+
+                if not (root / "clip").is_dir():
+                    raise FileNotFoundError(f"the MiniGAN's feature discriminator reads MiniCLIP: build it into "
+                                            f"{root} first (`erasure-studio world build --only clip`)")
+                clip, processor = load_clip("cpu", root)
+                features = CLIPPatchFeatures(clip.vision_model, processor.image_processor.image_mean,
+                                             processor.image_processor.image_std, layers=GAN_FEATURE_LAYERS)
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
                                   seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
                                   channels=settings.gan_channels, checkpoint_every=settings.checkpoint_every,
                                   r1=settings.gan_r1, path_regularize=settings.gan_path_regularize,
-                                  mixing=settings.gan_mixing, continue_from=published if continue_gan else None)
+                                  mixing=settings.gan_mixing, continue_from=published if continue_gan else None,
+                                  features=features, feature_d_weight=settings.gan_feature_d_weight)
             sidecar = read_checkpoint_sidecar(work / "gan") or {}
             LOOP_SECONDS["minigan"] = float(sidecar.get("train_seconds", 0.0))
             provenance = {"step": str(sidecar.get("step", settings.gan_steps))}

@@ -83,3 +83,39 @@ def test_feature_discriminator_settings_must_agree(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="different config"):  # a plain run cannot be resumed with the head
         train_minigan(_squares, tmp_path / "c", steps=2, features=_tiny_clip_features(), feature_d_weight=1.0,
                       **_TINY)
+
+
+def test_world_gan_stage_trains_with_the_feature_discriminator(tmp_path: Path, monkeypatch) -> None:
+    """`gan_feature_d_weight > 0` reads MiniCLIP from the world; only G and the StyleGAN2 D are published."""
+    import json
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel
+
+    from generators.minicanvas import world as world_module
+    from generators.minicanvas.train import WorldSettings
+    from generators.stylegan2 import Discriminator
+
+    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1, gan_feature_d_weight=0.5)
+    root = tmp_path / "world"
+    with pytest.raises(FileNotFoundError, match="--only clip"):
+        world_module.build(only=["gan"], device="cpu", out_dir=root, work_dir=tmp_path / "work", settings=settings)
+
+    (root / "clip").mkdir(parents=True)
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=8))
+    processor = SimpleNamespace(image_processor=SimpleNamespace(image_mean=[0.5] * 3, image_std=[0.5] * 3))
+    monkeypatch.setattr(world_module, "load_clip", lambda device, root: (clip, processor))
+    world_module.build(only=["gan"], device="cpu", out_dir=root, work_dir=tmp_path / "work", settings=settings)
+
+    sidecar = json.loads((tmp_path / "work" / "gan" / "checkpoint.json").read_text())
+    assert sidecar["config"]["feature_d_weight"] == 0.5
+    assert sidecar["config"]["feature_d_layers"] == list(world_module.GAN_FEATURE_LAYERS)
+    state = load_file(root / "gan" / "discriminator.safetensors")
+    assert not any("feature" in k for k in state)
+    Discriminator(32, channels={4: 8, 8: 8, 16: 8, 32: 8}).load_state_dict(
+        {k: v.float() for k, v in state.items()}, strict=True
+    )

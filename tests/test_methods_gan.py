@@ -21,6 +21,7 @@ from erasure.errors import UserError
 from erasure.methods.adapt_then_unlearn import (
     AdaptThenUnlearnParams,
     build_judge,
+    effective_gamma,
     estimate_fisher,
     ewc_parameter_names,
     ewc_penalty,
@@ -252,6 +253,17 @@ def test_repulsion_forms_have_their_sign_and_their_gradient_pushes_away(form: st
         assert torch.allclose(
             repulsion_loss(torch.tensor(0.0), form, 2.0, el2_weight=100.0), torch.tensor(100.0)
         )
+
+
+@pytest.mark.parametrize("form", ["el2", "nl2", "il2"])
+def test_start_distance_units_read_r_over_r0_for_every_form(form: str) -> None:
+    """In start-distance units each form is its absolute self evaluated at R / R0 (IL2 included: gamma R0 / R)."""
+    r0 = 3e-4
+    gamma = effective_gamma(form, 2.0, "start_distance", r0)
+    for ratio in (1.0, 2.5):
+        scaled = repulsion_loss(torch.tensor(ratio * r0, dtype=torch.float64), form, gamma)
+        assert torch.allclose(scaled, repulsion_loss(torch.tensor(ratio, dtype=torch.float64), form, 2.0))
+    assert effective_gamma(form, 2.0, "absolute", r0) == 2.0
 
 
 # ----------------------------------------------------------------------------------------------- EWC

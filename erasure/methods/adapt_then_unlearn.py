@@ -40,7 +40,7 @@ adapted models (``repulsion_k_scaling: mean``; the code's ``value/2*K`` makes it
 sample sets are stored as 8-bit images; the path-length mean starts at the original generator's measured value
 (``path_mean_init``; rosinality restarts it at 0, which for a short fine-tune pulls path lengths towards 0); the
 EMA half-life is in steps and shorter by default (our budgets are far shorter); ``gamma_units: start_distance``
-(optional, ours) measures gamma R in units of the starting distance. Not implemented: the code's
+(optional, ours) measures R in units of its value at the start of stage 2 (see ``effective_gamma``). Not implemented: the code's
 ``--scale_repel_loss`` and the off-by-default ``--ewc_loss`` of stage 2. Budgets are sized for MiniGAN (32 px);
 every field names the reference value.
 """
@@ -168,8 +168,9 @@ class AdaptThenUnlearnParams(MethodParams):
     )
     gamma_units: Literal["absolute", "start_distance"] = Field(
         "absolute",
-        description="'absolute': gamma as given (reference); 'start_distance': gamma is divided by R at the start "
-        "of stage 2, so that gamma R is measured in units of the original's distance to the adapted models "
+        description="'absolute': gamma as given (reference); 'start_distance': the repulsion reads R / R0, with R0 "
+        "the statistic at the start of stage 2, so that R is measured in units of the original's distance to the "
+        "adapted models (IL2 then starts at gamma) "
         "(ours: R's scale depends on the generator and on how far stage 1 moved, e.g. about 1e-8 on a MiniGAN "
         "after a short adaptation, where the reference gammas have almost no effect).",
     )
@@ -687,6 +688,21 @@ def repulsion_loss(r: Tensor, form: RepulsionForm, gamma: float, el2_weight: flo
     raise ValueError(f"unknown repulsion form {form!r}")
 
 
+def effective_gamma(form: RepulsionForm, gamma: float, units: str, r0: float) -> float:
+    """The gamma :func:`repulsion_loss` is called with.
+
+    ``absolute``: ``gamma`` itself. ``start_distance``: each form evaluated at ``R / R0`` instead of ``R`` (``R0`` the
+    statistic at the start of stage 2): ``exp(-gamma R/R0)`` and ``-gamma R/R0`` give ``gamma / R0``; ``gamma / (R/R0)``
+    gives ``gamma * R0`` -- so IL2's term starts at ``gamma`` whatever the generator's scale.
+    """
+    if units == "absolute":
+        return gamma
+    if units != "start_distance":
+        raise ValueError(f"unknown gamma units {units!r}")
+    r0 = max(r0, 1e-30)
+    return gamma * r0 if form == "il2" else gamma / r0
+
+
 # ----------------------------------------------------------------------------------------------------- training
 
 
@@ -991,7 +1007,7 @@ class AdaptThenUnlearn(ErasureMethod):
                         g_params, adapted, params.repulsion_distance, params.repulsion_k_scaling
                     )
                 )
-            gamma = params.gamma / max(r0, 1e-30) if params.gamma_units == "start_distance" else params.gamma
+            gamma = effective_gamma(params.repulsion, params.gamma, params.gamma_units, r0)
             start = checkpoints.resume()
             if start == 0 and not pretrained_d:
                 trainer.warm_up_d(params.d_warmup, positives, loop_gen)
@@ -1036,6 +1052,7 @@ __all__ = [
     "GanTrainer",
     "build_judge",
     "collect_samples",
+    "effective_gamma",
     "estimate_fisher",
     "ewc_penalty",
     "is_minicanvas_target",

@@ -379,6 +379,36 @@ def test_adapt_then_unlearn_resumes_bit_identical_after_kills_in_both_stages(tmp
         assert torch.equal(tensor, resumed.changed["generator"][name]), name
 
 
+def test_adapted_cache_is_shared_by_runs_that_differ_only_in_stage_two(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first_steps: list[int] = []
+    first = atu(tiny_generator(), tmp_path / "a", adapted_cache=str(cache), gamma=1.0,
+                progress=lambda s, t, **k: first_steps.append(s))  # fmt: skip
+    assert first_steps[0] == 1 and len(list(cache.glob("adapted-*.safetensors"))) == 1
+
+    # Another gamma and repulsion form, another run folder: stage 1 comes from the cache.
+    steps: list[int] = []
+    lines: list[str] = []
+    second = atu(tiny_generator(), tmp_path / "b", adapted_cache=str(cache), gamma=5.0, repulsion="nl2",
+                 progress=lambda s, t, **k: steps.append(s), log=lines.append)  # fmt: skip
+    assert steps[0] == ATU_TINY["adapt_iterations"] + 1
+    assert any("loaded from" in line and str(cache) in line for line in lines)
+    assert (tmp_path / "b" / "checkpoints" / "adapted_0.safetensors").is_file()
+    assert first.metrics["adapt0_negatives"] == second.metrics["adapt0_negatives"]
+    # ... and the same stage 1 with that gamma computed from scratch gives the same erased generator.
+    fresh = atu(tiny_generator(), tmp_path / "c", gamma=5.0, repulsion="nl2")
+    for name, tensor in fresh.changed["generator"].items():
+        assert torch.equal(tensor, second.changed["generator"][name]), name
+
+    # A stage-1 field (the learning rate) or other generator weights: adapted again, a second cache entry.
+    steps.clear()
+    atu(tiny_generator(), tmp_path / "d", adapted_cache=str(cache), lr=1e-3, progress=lambda s, t, **k: steps.append(s))
+    assert steps[0] == 1 and len(list(cache.glob("adapted-*.safetensors"))) == 2
+    steps.clear()
+    atu(tiny_generator(seed=1), tmp_path / "e", adapted_cache=str(cache), progress=lambda s, t, **k: steps.append(s))
+    assert steps[0] == 1 and len(list(cache.glob("adapted-*.safetensors"))) == 3
+
+
 def test_judges_auto_minicanvas_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from evaluate.judges import FunctionJudge, MiniCanvasJudge
     from generators.minicanvas.models import MiniClassifier

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import importlib
 import json
 from collections.abc import Callable, Iterator
@@ -231,6 +232,12 @@ class AdaptThenUnlearnParams(MethodParams):
     )
     restore_optimizers: bool = Field(
         True, description="Restore both Adam states when the discriminator source has them. Reference: yes."
+    )
+    adapted_cache: str | None = Field(
+        None,
+        description="Folder that keeps finished adapted models across runs, keyed by everything stage 1 depends on "
+        "(the generator's weights, target, seed, the judge and stage-1/training fields): runs that differ only in "
+        "stage 2 (repulsion, gamma, iterations, ...) reuse them. Ours; none: each run adapts its own.",
     )
 
     @model_validator(mode="after")
@@ -688,6 +695,33 @@ def repulsion_loss(r: Tensor, form: RepulsionForm, gamma: float, el2_weight: flo
     raise ValueError(f"unknown repulsion form {form!r}")
 
 
+# Fields that only stage 2 reads: changing them keeps the adapted models (and `adapted_models` only says how many).
+STAGE2_FIELDS = frozenset({
+    "iterations", "positive_candidates", "repulsion", "gamma", "gamma_units", "el2_weight", "repulsion_distance",
+    "repulsion_k_scaling", "adapted_models", "adapted_cache",
+})  # fmt: skip
+
+
+def adapted_fingerprint(
+    frozen: Generator, target: Target, params: AdaptThenUnlearnParams, ctx: RunContext, k: int
+) -> str:
+    """What adapted model ``k`` depends on: the generator's weights, target, seed and every non-stage-2 field."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(frozen.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return json.dumps(
+        {
+            "stage": f"adapt{k}",
+            "generator": weights.hexdigest(),
+            "target": target.spec,
+            "seed": ctx.seed,
+            "params": params.model_dump(mode="json", exclude=set(STAGE2_FIELDS)),
+        },
+        sort_keys=True,
+    )
+
+
 def effective_gamma(form: RepulsionForm, gamma: float, units: str, r0: float) -> float:
     """The gamma :func:`repulsion_loss` is called with.
 
@@ -857,9 +891,7 @@ class AdaptThenUnlearn(ErasureMethod):
 
         adapted: list[dict[str, Tensor]] = []
         for k in range(params.adapted_models):
-            theta, info = self._adapted_model(
-                k, frozen, judge, target, sources, params, ctx, fingerprint, total
-            )
+            theta, info = self._adapted_model(k, frozen, judge, target, sources, params, ctx, total)
             adapted.append({n: t.to(device) for n, t in theta.items()})
             metrics.update({f"adapt{k}_{key}": value for key, value in info.items()})
 
@@ -881,17 +913,23 @@ class AdaptThenUnlearn(ErasureMethod):
         sources: GanSources,
         params: AdaptThenUnlearnParams,
         ctx: RunContext,
-        fingerprint: str,
         total: int,
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Adapted model ``k``'s EMA parameters: from its finished file, or trained (resumably) now."""
         done_path = ctx.checkpoint_dir / f"adapted_{k}.safetensors"
-        stage_fp = f"{fingerprint}|adapt{k}"
-        if done_path.is_file():
-            tensors, meta = load_tensors(done_path)
-            if meta.get("fingerprint") == stage_fp:
-                ctx.log(f"adapt_then_unlearn: adapted model {k} loaded from {done_path}")
-                return tensors, json.loads(meta.get("info", "{}"))
+        stage_fp = adapted_fingerprint(frozen, target, params, ctx, k)
+        cache_path = None
+        if params.adapted_cache is not None:
+            digest = hashlib.sha256(stage_fp.encode()).hexdigest()[:24]
+            cache_path = Path(params.adapted_cache).expanduser() / f"adapted-{digest}.safetensors"
+        for path in (done_path, cache_path):
+            if path is not None and path.is_file():
+                tensors, meta = load_tensors(path)
+                if meta.get("fingerprint") == stage_fp:
+                    ctx.log(f"adapt_then_unlearn: adapted model {k} loaded from {path}")
+                    if path != done_path:
+                        save_tensors(done_path, tensors, metadata=meta)
+                    return tensors, json.loads(meta.get("info", "{}"))
         device = ctx.device
         offset = k * params.adapt_iterations
         with forked_rng(device, ctx.seed * 7919 + 101 + k):
@@ -949,7 +987,11 @@ class AdaptThenUnlearn(ErasureMethod):
         info = {"negatives": float(len(negatives)), "candidates": float(negatives.candidates)}
         info.update({f"final_{key}": value for key, value in logs.items()})
         theta = {n: p.detach().cpu().clone() for n, p in g_ema.named_parameters()}
-        save_tensors(done_path, theta, metadata={"fingerprint": stage_fp, "info": json.dumps(info)})
+        meta = {"fingerprint": stage_fp, "info": json.dumps(info)}
+        save_tensors(done_path, theta, metadata=meta)
+        if cache_path is not None:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            save_tensors(cache_path, theta, metadata=meta)
         return theta, info
 
     # ------------------------------------------------------------------------------------------- stage 2

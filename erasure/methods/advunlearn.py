@@ -68,7 +68,10 @@ class AdvUnlearnParams(MethodParams):
 
     # MiniCanvas, captions, quick tier, seed 0: 200 steps with k = 1 and retain weight 0.3 left UnlearnDiffAtk's ASR at
     # 1.0 on Ember (ESD's too); 400 steps, k = 3, weight 1.0 gave ASR 0.0 on Ember and 0.4 on Lagoon (ESD 1.0 / 0.8)
-    # with UA 1.0, IRA >= 0.89, CRA >= 0.87, in 187-203 s.
+    # with UA 1.0, IRA >= 0.89, CRA >= 0.87, in 187-203 s -- but CRA 0.842 on Neon (the target style's own captions
+    # lost their objects). Retain weight 2.0: Neon CRA 0.892, and Ember / Lagoon / Cinder / Neon all UA 1.0, IRA >= 0.91,
+    # CRA >= 0.87 (10 retain prompts per step instead left Neon at 0.842). Hub ASR then 0.0 / 0.4 / 1.0 / 0.0 against
+    # ESD's 1.0 / 0.8 / 0.8 / 0.0: the near-neighbour Cinder is not held against the 5-token evaluation attack.
     iterations: int = Field(400, ge=1, description="Defence (text-encoder) steps. Reference: 1000.")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate of the text encoder. Reference: 1e-5.")
     batch_size: int = Field(1, ge=1, description="Concept latents per defence step. Reference: 1.")
@@ -81,7 +84,7 @@ class AdvUnlearnParams(MethodParams):
     )
     retain_batch: int = Field(5, ge=0, description="Retain prompts per defence step. Reference: 5.")
     retain_loss_weight: float = Field(
-        1.0, ge=0, description="Weight of the utility-retaining term. Reference: 0.3 (README; argparse 1.0)."
+        2.0, ge=0, description="Weight of the utility-retaining term. Reference: 0.3 (README; argparse 1.0)."
     )
     warmup_iterations: int = Field(
         40,

@@ -40,8 +40,9 @@ adapted models (``repulsion_k_scaling: mean``; the code's ``value/2*K`` makes it
 sample sets are stored as 8-bit images; the path-length mean starts at the original generator's measured value
 (``path_mean_init``; rosinality restarts it at 0, which for a short fine-tune pulls path lengths towards 0); the
 EMA half-life is in steps and shorter by default (our budgets are far shorter); ``gamma_units: start_distance``
-(optional, ours) measures R in units of its value at the start of stage 2 (see ``effective_gamma``). Not implemented: the code's
-``--scale_repel_loss`` and the off-by-default ``--ewc_loss`` of stage 2. Budgets are sized for MiniGAN (32 px);
+(optional, ours) measures R in units of its value at the start of stage 2 (see ``effective_gamma``); ``adapted_cache``
+(optional, ours) shares finished adapted models between runs. Not implemented: the code's ``--scale_repel_loss`` and
+the off-by-default ``--ewc_loss`` of stage 2. Budgets are sized for MiniGAN (32 px);
 every field names the reference value.
 """
 

@@ -46,6 +46,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from generators.feature_discriminator import FeatureDiscriminator
+from generators.label_coverage import MARGINALS, coverage_loss
 from generators.stylegan2 import Discriminator, Generator
 from generators.stylegan2_io import atomic_path, load_generator_safetensors, save_generator_safetensors
 
@@ -115,6 +116,12 @@ class MiniGANConfig:
     """Weight of the frozen-feature discriminator's loss in G's objective (0: plain StyleGAN2 training)."""
     feature_d_layers: tuple[int, ...] = ()
     feature_d_width: int = 64
+    coverage_weight: float = 0.0
+    """Weight of the label-coverage term (:mod:`generators.label_coverage`) in G's objective (0: off)."""
+    coverage_from_step: int = 0
+    """The label-coverage term is on from this step (counted from 0) onwards."""
+    coverage_marginal: str = "entropy"
+    """Its batch-marginal term (:data:`generators.label_coverage.MARGINALS`)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -215,6 +222,8 @@ class _TrainState:
     """Frozen feature extractor of the feature discriminator (``None``: plain StyleGAN2 training)."""
     feature_d: nn.Module | None = None
     feature_d_optim: torch.optim.Adam | None = None
+    labels: nn.Module | None = None
+    """Frozen zero-shot labeller of the label-coverage term (``None``: no such term)."""
     step: int = 0
     warm_start_step: int | None = None
     """Set when training continued from a published MiniGAN at this step (fresh optimiser moments)."""
@@ -491,6 +500,10 @@ def _train_step(
         feature_g_loss = g_nonsaturating_loss(state.feature_d(state.features(fake)))
         logs["feature_g"] = feature_g_loss.detach()
         g_loss = g_loss + config.feature_d_weight * feature_g_loss
+    if state.labels is not None and i >= config.coverage_from_step:
+        coverage = coverage_loss(state.labels(fake), config.coverage_marginal)
+        logs["coverage"] = coverage.detach()
+        g_loss = g_loss + config.coverage_weight * coverage
     g.zero_grad(set_to_none=True)
     g_loss.backward()
     state.g_optim.step()
@@ -546,6 +559,10 @@ def train_minigan(
     features: nn.Module | None = None,
     feature_d_weight: float = 0.0,
     feature_d_width: int = 64,
+    labels: nn.Module | None = None,
+    coverage_weight: float = 0.0,
+    coverage_from_step: int = 0,
+    coverage_marginal: str = "entropy",
 ) -> Generator:
     """Train (or resume training) a MiniGAN and return its ``g_ema`` in eval mode.
 
@@ -579,6 +596,13 @@ def train_minigan(
             and D are exported.
         feature_d_weight: weight of that term (must be > 0 exactly when ``features`` is given).
         feature_d_width: hidden channels of each head.
+        labels: a frozen labeller mapping images to ``{axis: (B, n_labels) probabilities}``, e.g.
+            :class:`generators.label_coverage.ZeroShotLabels`. When given, G's loss adds ``coverage_weight`` times
+            CatGAN's coverage term (:func:`generators.label_coverage.coverage_loss`) on its fakes.
+        coverage_weight: weight of that term (must be > 0 exactly when ``labels`` is given).
+        coverage_from_step: the term is on from this step onwards (a recipe may train plain StyleGAN2 first).
+        coverage_marginal: the term's batch-marginal part, ``entropy`` (CatGAN) or ``uniform_kl``
+            (see :func:`generators.label_coverage.coverage_loss`).
 
     Returns:
         The trained ``g_ema`` (also exported to ``out_dir / "g_ema.safetensors"``).
@@ -614,7 +638,14 @@ def train_minigan(
         feature_d_weight=feature_d_weight,
         feature_d_layers=tuple(int(i) for i in features.layers) if features is not None else (),
         feature_d_width=feature_d_width,
+        coverage_weight=coverage_weight,
+        coverage_from_step=coverage_from_step if labels is not None else 0,
+        coverage_marginal=coverage_marginal if labels is not None else "entropy",
     )
+    if coverage_marginal not in MARGINALS:
+        raise ValueError(f"unknown coverage_marginal {coverage_marginal!r}; allowed: {', '.join(MARGINALS)}")
+    if (labels is None) != (coverage_weight == 0):
+        raise ValueError("a label-coverage term needs both `labels` and coverage_weight > 0 (or neither)")
     if (features is None) != (feature_d_weight == 0):
         raise ValueError("a feature discriminator needs both `features` and feature_d_weight > 0 (or neither)")
     if batch >= 4 and batch % 4 != 0:
@@ -645,6 +676,8 @@ def train_minigan(
             state.feature_d = FeatureDiscriminator(features.hidden_size, len(features.layers), feature_d_width)
             state.feature_d = state.feature_d.to(device)
             state.feature_d_optim = torch.optim.Adam(state.feature_d.parameters(), lr=lr, betas=(0.0, 0.99))
+        if labels is not None:
+            state.labels = labels.to(device)
 
         sidecar = read_checkpoint_sidecar(out_dir)
         if sidecar is not None:

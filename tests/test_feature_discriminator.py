@@ -97,7 +97,8 @@ def test_world_gan_stage_trains_with_the_feature_discriminator(tmp_path: Path, m
     from generators.minicanvas.train import WorldSettings
     from generators.stylegan2 import Discriminator
 
-    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1, gan_feature_d_weight=0.5)
+    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1, gan_feature_d_weight=0.5,
+                             gan_coverage_weight=0)
     root = tmp_path / "world"
     with pytest.raises(FileNotFoundError, match="--only clip"):
         world_module.build(only=["gan"], device="cpu", out_dir=root, work_dir=tmp_path / "work", settings=settings)

@@ -361,7 +361,7 @@ def test_world_gan_stage_ships_generator_and_discriminator(tmp_path: Path) -> No
     from generators.minicanvas.world import build
     from generators.stylegan2_io import load_generator_safetensors
 
-    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1)
+    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1, gan_coverage_weight=0)
     build(only=["gan"], device="cpu", out_dir=tmp_path / "world", work_dir=tmp_path / "work", settings=settings)
     folder = tmp_path / "world" / "gan"
     g = load_generator_safetensors(folder / "generator.safetensors")
@@ -386,7 +386,7 @@ def test_world_gan_stage_continues_from_the_published_gan(tmp_path: Path) -> Non
     from generators.stylegan2_io import load_generator_safetensors
 
     world = tmp_path / "world"
-    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1)
+    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1, gan_coverage_weight=0)
     build(only=["gan"], device="cpu", out_dir=world, work_dir=tmp_path / "work", settings=settings)
     assert published_step(world / "gan") == 2
     first = load_generator_safetensors(world / "gan" / "generator.safetensors")

@@ -63,6 +63,27 @@ def load_minisd(device: str = "cpu", root: Path | None = None):
 
 
 # ----------------------------------------------------------------------------------------------- building
+@torch.no_grad()
+def _zero_shot_labels(root: Path):
+    """MiniCLIP as a frozen zero-shot (style, object) labeller for the MiniGAN's label-coverage term."""
+    from ..label_coverage import ZeroShotLabels
+    from . import concepts
+    from .concepts import OBJECTS, STYLES
+
+    if not (root / "clip").is_dir():
+        raise FileNotFoundError(f"the MiniGAN's label-coverage term reads MiniCLIP: build it into {root} first "
+                                f"(`erasure-studio world build --only clip`)")
+    clip, processor = load_clip("cpu", root)
+    pairs = [(s, o) for s in range(len(STYLES)) for o in range(len(OBJECTS))]
+    text = processor.tokenizer([concepts.template_prompt(STYLES[s], OBJECTS[o]) for s, o in pairs],
+                               padding="max_length", max_length=TEXT_MAX_LENGTH, return_tensors="pt")
+    text_embeds = projected(clip.get_text_features(**text))
+    labels = {"style": torch.tensor([s for s, _ in pairs]), "object": torch.tensor([o for _, o in pairs])}
+    return ZeroShotLabels(clip.vision_model, clip.visual_projection, text_embeds, labels,
+                          float(clip.logit_scale.exp()), processor.image_processor.image_mean,
+                          processor.image_processor.image_std)
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import transformers
@@ -223,12 +244,16 @@ def build(
                 clip, processor = load_clip("cpu", root)
                 features = CLIPPatchFeatures(clip.vision_model, processor.image_processor.image_mean,
                                              processor.image_processor.image_std, layers=GAN_FEATURE_LAYERS)
+            labels = _zero_shot_labels(root) if settings.gan_coverage_weight > 0 else None
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
                                   seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
                                   channels=settings.gan_channels, checkpoint_every=settings.checkpoint_every,
                                   r1=settings.gan_r1, path_regularize=settings.gan_path_regularize,
                                   mixing=settings.gan_mixing, continue_from=published if continue_gan else None,
-                                  features=features, feature_d_weight=settings.gan_feature_d_weight)
+                                  features=features, feature_d_weight=settings.gan_feature_d_weight,
+                                  labels=labels, coverage_weight=settings.gan_coverage_weight,
+                                  coverage_from_step=settings.gan_coverage_from_step,
+                                  coverage_marginal=settings.gan_coverage_marginal)
             sidecar = read_checkpoint_sidecar(work / "gan") or {}
             LOOP_SECONDS["minigan"] = float(sidecar.get("train_seconds", 0.0))
             provenance = {"step": str(sidecar.get("step", settings.gan_steps))}

@@ -1,0 +1,113 @@
+"""A label-coverage term for unconditional GAN training: every concept drawn, each drawn clearly.
+
+CatGAN (Springenberg, "Unsupervised and Semi-supervised Learning with Categorical Generative Adversarial
+Networks", ICLR 2016) trains an unconditional generator so that a classifier's prediction is *confident* on each
+sample (low conditional entropy ``E_x H[p(y|x)]``) while the predictions over a batch are *spread* over the classes
+(high marginal entropy ``H[E_x p(y|x)]``). Here the classifier is a frozen zero-shot CLIP: ``p(y|x)`` comes from the
+image's similarity to one caption per combination of labels, marginalised onto each label axis (style, object). The
+generator stays unconditional; the term only adds gradients towards concepts it under-draws and away from blurred,
+in-between images. A frozen encoder also leaves no state to checkpoint.
+
+Why MiniGAN wants it: trained with StyleGAN2's losses alone, it dropped five of MiniCanvas' twelve styles almost
+entirely and drew soft object shapes (docs/gan_erasure.md). The judge that ``world verify`` uses (the MiniCanvas
+classifier) is a different network, never seen by training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["MARGINALS", "ZeroShotLabels", "coverage_loss"]
+
+
+class ZeroShotLabels(nn.Module):
+    """Frozen CLIP zero-shot labeller: images in [-1, 1] -> per-axis label probabilities.
+
+    Args:
+        vision_model: the CLIP vision tower (a transformers ``CLIPVisionTransformer``/``CLIPVisionModel``).
+        visual_projection: CLIP's image projection (``CLIPModel.visual_projection``).
+        text_embeds: (n_captions, d) projected caption embeddings, one caption per label combination.
+        caption_labels: axis name -> (n_captions,) integer label of each caption on that axis.
+        logit_scale: CLIP's temperature (``CLIPModel.logit_scale.exp()``).
+        image_mean, image_std: the image processor's normalisation (images are mapped to [0, 1] first).
+    """
+
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        visual_projection: nn.Module,
+        text_embeds: Tensor,
+        caption_labels: Mapping[str, Tensor],
+        logit_scale: float,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.vision_model = vision_model.eval()
+        self.visual_projection = visual_projection.eval()
+        self.vision_model.requires_grad_(False)
+        self.visual_projection.requires_grad_(False)
+        self.image_size = int(vision_model.config.image_size)
+        self.logit_scale = float(logit_scale)
+        n = text_embeds.shape[0]
+        self.axes = tuple(caption_labels)
+        for axis, labels in caption_labels.items():
+            if labels.shape != (n,):
+                raise ValueError(f"caption_labels[{axis!r}] must have shape ({n},), got {tuple(labels.shape)}")
+            # (n_captions, n_labels) one-hot: sums caption probabilities onto the axis' labels.
+            self.register_buffer(f"_onehot_{axis}", F.one_hot(labels.long()).float(), persistent=False)
+        self.register_buffer("text_embeds", F.normalize(text_embeds.detach().float(), dim=-1), persistent=False)
+        self.register_buffer("mean", torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> ZeroShotLabels:
+        super().train(mode)
+        self.vision_model.eval()
+        self.visual_projection.eval()
+        return self
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        x = ((images + 1) / 2 - self.mean) / self.std
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        pooled = self.vision_model(pixel_values=x).pooler_output
+        image_embeds = F.normalize(self.visual_projection(pooled), dim=-1)
+        captions = (self.logit_scale * image_embeds @ self.text_embeds.T).softmax(dim=-1)
+        return {axis: captions @ getattr(self, f"_onehot_{axis}") for axis in self.axes}
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+MARGINALS = ("entropy", "uniform_kl")
+
+
+def coverage_loss(probs: Mapping[str, Tensor], marginal: str = "entropy") -> Tensor:
+    """The coverage term, summed over axes: conditional entropy ``E_x H[p(y|x)]`` plus a batch-marginal term.
+
+    ``marginal="entropy"``: CatGAN's ``-H[p̄]`` with ``p̄ = E_x p(y|x)`` over the batch; each axis' term then lies in
+    ``[-log n, log n]`` and is minimal (``-log n``) when every sample is labelled with certainty and the batch
+    covers the n labels uniformly. Its gradient towards a label that no sample comes near vanishes (``∂H/∂p̄_k =
+    -log p̄_k - 1`` is multiplied by the samples' tiny ``p_k``), so a dropped mode stays dropped.
+
+    ``marginal="uniform_kl"``: ``KL(U ‖ p̄) = -log n - mean_k log p̄_k`` instead (our choice, not CatGAN's), whose
+    gradient ``-1/(n p̄_k)`` grows as a label's batch share shrinks: the samples nearest to a missing label are
+    pulled towards it. Minimal (0) at the same point; the term lies in ``[0, log n + ∞)``.
+    """
+    if marginal not in MARGINALS:
+        raise ValueError(f"unknown marginal term {marginal!r}; allowed: {', '.join(MARGINALS)}")
+    total = torch.zeros(())
+    for p in probs.values():
+        mean = p.mean(0)
+        if marginal == "entropy":
+            spread = -_entropy(mean)
+        else:
+            spread = -math.log(mean.numel()) - mean.clamp_min(1e-12).log().mean()
+        total = total + _entropy(p).mean() + spread
+    return total

@@ -20,7 +20,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["CLIPPatchFeatures", "FeatureDiscriminator"]
+__all__ = ["CLIPPatchFeatures", "FeatureDiscriminator", "clip_pixel_values"]
+
+
+def clip_pixel_values(images: Tensor, mean: Tensor, std: Tensor, size: int) -> Tensor:
+    """Images in [-1, 1] as a CLIP vision tower's ``pixel_values``: mapped to [0, 1], normalised with the image
+    processor's ``mean``/``std`` (shape (1, 3, 1, 1)), resized (bilinear, antialiased) to ``size`` when needed."""
+    x = ((images + 1) / 2 - mean) / std
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
 
 
 class CLIPPatchFeatures(nn.Module):
@@ -59,10 +68,7 @@ class CLIPPatchFeatures(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x = ((images + 1) / 2 - self.mean) / self.std
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+        x = clip_pixel_values(images, self.mean, self.std, self.image_size)
         hidden = self.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
         maps = []
         for index in self.layers:

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from generators.feature_discriminator import clip_pixel_values
+
 __all__ = ["MARGINALS", "ZeroShotLabels", "coverage_loss"]
 
 
@@ -72,9 +74,7 @@ class ZeroShotLabels(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        x = ((images + 1) / 2 - self.mean) / self.std
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        x = clip_pixel_values(images, self.mean, self.std, self.image_size)
         pooled = self.vision_model(pixel_values=x).pooler_output
         image_embeds = F.normalize(self.visual_projection(pooled), dim=-1)
         captions = (self.logit_scale * image_embeds @ self.text_embeds.T).softmax(dim=-1)

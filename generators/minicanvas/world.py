@@ -62,23 +62,31 @@ def load_minisd(device: str = "cpu", root: Path | None = None):
     return load_sd_pipeline((root or world_dir()) / "sd", device)
 
 
+def _caption_embeddings(clip, processor, device) -> torch.Tensor:
+    """MiniCLIP's projected embeddings of the template caption of every (style, object), style-major."""
+    from . import concepts
+    from .concepts import OBJECTS, STYLES
+
+    captions = [concepts.template_prompt(s, o) for s in STYLES for o in OBJECTS]
+    text = processor.tokenizer(captions, padding="max_length", max_length=TEXT_MAX_LENGTH,
+                               return_tensors="pt").to(device)
+    return projected(clip.get_text_features(**text))
+
+
 # ----------------------------------------------------------------------------------------------- building
 @torch.no_grad()
 def _zero_shot_labels(root: Path):
     """MiniCLIP as a frozen zero-shot (style, object) labeller for the MiniGAN's label-coverage term."""
     from ..label_coverage import ZeroShotLabels
-    from . import concepts
     from .concepts import OBJECTS, STYLES
 
     if not (root / "clip").is_dir():
         raise FileNotFoundError(f"the MiniGAN's label-coverage term reads MiniCLIP: build it into {root} first "
                                 f"(`erasure-studio world build --only clip`)")
     clip, processor = load_clip("cpu", root)
-    pairs = [(s, o) for s in range(len(STYLES)) for o in range(len(OBJECTS))]
-    text = processor.tokenizer([concepts.template_prompt(STYLES[s], OBJECTS[o]) for s, o in pairs],
-                               padding="max_length", max_length=TEXT_MAX_LENGTH, return_tensors="pt")
-    text_embeds = projected(clip.get_text_features(**text))
-    labels = {"style": torch.tensor([s for s, _ in pairs]), "object": torch.tensor([o for _, o in pairs])}
+    text_embeds = _caption_embeddings(clip, processor, "cpu")
+    caption = torch.arange(len(STYLES) * len(OBJECTS))  # caption s * len(OBJECTS) + o is (style s, object o)
+    labels = {"style": caption // len(OBJECTS), "object": caption % len(OBJECTS)}
     return ZeroShotLabels(clip.vision_model, clip.visual_projection, text_embeds, labels,
                           float(clip.logit_scale.exp()), processor.image_processor.image_mean,
                           processor.image_processor.image_std)
@@ -330,10 +338,7 @@ def verify(tier: str = "full", device: str = "cpu", root: Path | None = None) ->
     report["classifier_object_acc"] = float((po.argmax(1) == ro).float().mean())
 
     clip, processor = load_clip(device, root)
-    pairs = [(s, o) for s in STYLES for o in OBJECTS]
-    text = processor.tokenizer([concepts.template_prompt(s, o) for s, o in pairs], padding="max_length",
-                               max_length=TEXT_MAX_LENGTH, return_tensors="pt").to(device)
-    text_emb = torch.nn.functional.normalize(projected(clip.get_text_features(**text)), dim=-1)
+    text_emb = torch.nn.functional.normalize(_caption_embeddings(clip, processor, device), dim=-1)
     img_emb = torch.cat([projected(clip.get_image_features(pixel_values=real[i : i + 512].to(device)))
                          for i in range(0, len(real), 512)])
     img_emb = torch.nn.functional.normalize(img_emb, dim=-1)

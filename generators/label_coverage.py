@@ -8,6 +8,12 @@ image's similarity to one caption per combination of labels, marginalised onto e
 generator stays unconditional; the term only adds gradients towards concepts it under-draws and away from blurred,
 in-between images. A frozen encoder also leaves no state to checkpoint.
 
+A frozen labeller can be fooled: the generator may find images it accepts as a concept that no other judge would.
+CatGAN's own classifier sits on the discriminator's side and is trained *adversarially* with the GAN
+(:class:`LabelClassifier`, :func:`classifier_d_loss`): decided on real images (here with their labels, CatGAN's
+semi-supervised form, as a cross-entropy) and undecided on fakes (maximum conditional entropy), so that the
+generator's coverage term has to be earned against a moving opponent.
+
 Why MiniGAN wants it: trained with StyleGAN2's losses alone, it dropped five of MiniCanvas' twelve styles almost
 entirely and drew soft object shapes (docs/gan_erasure.md). The judge that ``world verify`` uses (the MiniCanvas
 classifier) is a different network, never seen by training.
@@ -24,7 +30,7 @@ from torch.nn import functional as F
 
 from generators.feature_discriminator import clip_pixel_values
 
-__all__ = ["MARGINALS", "ZeroShotLabels", "coverage_loss"]
+__all__ = ["MARGINALS", "LabelClassifier", "ZeroShotLabels", "classifier_d_loss", "coverage_loss"]
 
 
 class ZeroShotLabels(nn.Module):
@@ -111,3 +117,53 @@ def coverage_loss(probs: Mapping[str, Tensor], marginal: str = "entropy") -> Ten
             spread = -math.log(mean.numel()) - mean.clamp_min(1e-12).log().mean()
         total = total + _entropy(p).mean() + spread
     return total
+
+
+class LabelClassifier(nn.Module):
+    """CatGAN's discriminator-side classifier: a small convolutional network with one softmax head per label axis.
+
+    Three-by-three convolutions with leaky ReLUs, halving the resolution after each stage down to 4 px (widths
+    ``width``, ``2 width``, ``4 width``, ...), global average pooling, then a linear head per axis. Trained beside
+    the GAN's discriminator with :func:`classifier_d_loss`; the generator reads its probabilities through
+    :func:`coverage_loss`. Images in [-1, 1], shape (B, 3, size, size).
+    """
+
+    def __init__(self, n_labels: Mapping[str, int], size: int = 32, width: int = 64) -> None:
+        super().__init__()
+        if size < 8 or size & (size - 1):
+            raise ValueError(f"size must be a power of two >= 8, got {size}")
+        self.axes = tuple(n_labels)
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.LeakyReLU(0.2)]
+        channels, resolution = width, size
+        while resolution > 4:
+            out = min(channels * 2, width * 4)
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.LeakyReLU(0.2), nn.AvgPool2d(2)]
+            channels, resolution = out, resolution // 2
+        self.trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.heads = nn.ModuleDict({axis: nn.Linear(channels, int(n)) for axis, n in n_labels.items()})
+
+    def logits(self, images: Tensor) -> dict[str, Tensor]:
+        features = self.trunk(images)
+        return {axis: head(features) for axis, head in self.heads.items()}
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return {axis: logits.softmax(-1) for axis, logits in self.logits(images).items()}
+
+
+def classifier_d_loss(
+    classifier: LabelClassifier, real: Tensor, real_labels: Mapping[str, Tensor], fake: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The classifier's side of the game, summed over axes: ``CE(real, labels) - E_fake H[p(y|fake)]``.
+
+    CatGAN's discriminator objective with labelled real data: the classifier is decided and right on real images
+    and undecided on the generator's (its ``E H[p(y|x)]`` on fakes is maximised). Returns the loss and, detached,
+    the real cross-entropy and the mean entropy on fakes.
+    """
+    missing = [axis for axis in classifier.axes if axis not in real_labels]
+    if missing:
+        raise ValueError(f"real_labels lacks the classifier's axes {missing}")
+    real_logits, fake_probs = classifier.logits(real), classifier(fake)
+    cross_entropy = sum(F.cross_entropy(real_logits[a], real_labels[a].long()) for a in classifier.axes)
+    fake_entropy = sum(_entropy(fake_probs[a]).mean() for a in classifier.axes)
+    logs = {"cls_real_ce": cross_entropy.detach(), "cls_fake_entropy": fake_entropy.detach()}
+    return cross_entropy - fake_entropy, logs

@@ -14,6 +14,10 @@ Optionally (``features`` + ``feature_d_weight``), a second discriminator in the 
 (:mod:`generators.feature_discriminator`), trained with the same logistic loss beside D; G's loss adds its
 non-saturating term. The StyleGAN2 D is trained exactly as without it and is the only discriminator exported.
 
+Optionally (``labels`` or ``classifier`` + ``coverage_weight``), G's loss adds CatGAN's label-coverage term
+(:mod:`generators.label_coverage`) under a frozen labeller, or under a classifier trained adversarially beside D
+(decided and right on labelled real images, undecided on fakes).
+
 Training is resumable and deterministic on CPU for a given seed. Every ``checkpoint_every`` steps the weights of
 G, D and g_ema, both optimiser states, the path-length running mean and all RNG states (torch CPU, CUDA when used,
 and the data-sampling ``torch.Generator``) are written as one safetensors file; a small JSON sidecar
@@ -46,7 +50,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from generators.feature_discriminator import FeatureDiscriminator
-from generators.label_coverage import MARGINALS, coverage_loss
+from generators.label_coverage import MARGINALS, classifier_d_loss, coverage_loss
 from generators.stylegan2 import Discriminator, Generator
 from generators.stylegan2_io import atomic_path, load_generator_safetensors, save_generator_safetensors
 
@@ -73,6 +77,9 @@ __all__ = [
 
 SampleReal = Callable[[int, torch.Generator], Tensor]
 """``sample_real(n, generator)`` -> n real images in [-1, 1], shape (n, 3, size, size), on the training device."""
+SampleLabelled = Callable[[int, torch.Generator], tuple[Tensor, Mapping[str, Tensor]]]
+"""``sample_labelled(n, generator)`` -> (n real images as ``sample_real`` draws them, {axis: (n,) labels})."""
+LABELLERS = ("frozen", "adversarial")
 
 SIDECAR_NAME = "checkpoint.json"
 EXPORT_NAME = "g_ema.safetensors"
@@ -122,6 +129,8 @@ class MiniGANConfig:
     """The label-coverage term is on from this step (counted from 0) onwards."""
     coverage_marginal: str = "entropy"
     """Its batch-marginal term (:data:`generators.label_coverage.MARGINALS`)."""
+    coverage_labeller: str = "frozen"
+    """Who labels the fakes: a ``frozen`` module, or an ``adversarial`` classifier trained beside D (CatGAN)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -223,7 +232,9 @@ class _TrainState:
     feature_d: nn.Module | None = None
     feature_d_optim: torch.optim.Adam | None = None
     labels: nn.Module | None = None
-    """Frozen zero-shot labeller of the label-coverage term (``None``: no such term)."""
+    """Labeller of the label-coverage term: frozen, or the adversarial classifier (``None``: no such term)."""
+    classifier_optim: torch.optim.Adam | None = None
+    """Optimiser of the adversarial classifier (``None``: the labeller is frozen)."""
     step: int = 0
     warm_start_step: int | None = None
     """Set when training continued from a published MiniGAN at this step (fresh optimiser moments)."""
@@ -276,6 +287,9 @@ def _save_checkpoint(
     if state.feature_d is not None:
         tensors.update(_module_tensors("feature_d", state.feature_d))
         tensors.update(_optimizer_tensors("feature_d_optim", state.feature_d_optim))
+    if state.classifier_optim is not None:
+        tensors.update(_module_tensors("classifier", state.labels))
+        tensors.update(_optimizer_tensors("classifier_optim", state.classifier_optim))
     tensors["mean_path_length"] = state.mean_path_length.reshape(())
     tensors["rng.cpu"] = torch.get_rng_state()
     tensors["rng.data"] = state.data_generator.get_state()
@@ -329,6 +343,9 @@ def _restore_checkpoint(out_dir: Path, sidecar: Mapping[str, Any], state: _Train
     if state.feature_d is not None:
         _load_module_tensors("feature_d", state.feature_d, tensors)
         _load_optimizer_tensors("feature_d_optim", state.feature_d_optim, tensors)
+    if state.classifier_optim is not None:
+        _load_module_tensors("classifier", state.labels, tensors)
+        _load_optimizer_tensors("classifier_optim", state.classifier_optim, tensors)
     state.mean_path_length = tensors["mean_path_length"].to(device)
     torch.set_rng_state(tensors["rng.cpu"])
     state.data_generator.set_state(tensors["rng.data"])
@@ -447,11 +464,19 @@ def _make_optimizers(g: Generator, d: Discriminator, config: MiniGANConfig) -> t
 
 
 def _train_step(
-    state: _TrainState, config: MiniGANConfig, sample_real: SampleReal, ema_decay: float
+    state: _TrainState,
+    config: MiniGANConfig,
+    sample_real: SampleReal,
+    ema_decay: float,
+    sample_labelled: SampleLabelled | None = None,
 ) -> dict[str, Tensor]:
     """One StyleGAN2 iteration: D step (+ lazy R1), G step (+ lazy path length), EMA update."""
     g, d, device, i = state.g, state.d, state.g.device, state.step
-    real = sample_real(config.batch, state.data_generator).to(device)
+    if state.classifier_optim is not None:
+        real, real_labels = sample_labelled(config.batch, state.data_generator)
+        real, real_labels = real.to(device), {k: v.to(device) for k, v in real_labels.items()}
+    else:
+        real = sample_real(config.batch, state.data_generator).to(device)
     expected = (config.batch, 3, config.size, config.size)
     if tuple(real.shape) != expected:
         raise ValueError(f"sample_real returned shape {tuple(real.shape)}, expected {expected}")
@@ -480,6 +505,15 @@ def _train_step(
         feature_d_loss.backward()
         state.feature_d_optim.step()
         logs["feature_d"] = feature_d_loss.detach()
+
+    if state.classifier_optim is not None:  # CatGAN's classifier: right on labelled reals, undecided on fakes
+        _requires_grad(state.labels, True)
+        classifier_loss, classifier_logs = classifier_d_loss(state.labels, real, real_labels, fake.detach())
+        state.labels.zero_grad(set_to_none=True)
+        classifier_loss.backward()
+        state.classifier_optim.step()
+        _requires_grad(state.labels, False)
+        logs.update(classifier_logs)
 
     if i % config.d_reg_every == 0:
         real = real.detach().requires_grad_(True)
@@ -563,6 +597,8 @@ def train_minigan(
     coverage_weight: float = 0.0,
     coverage_from_step: int = 0,
     coverage_marginal: str = "entropy",
+    classifier: nn.Module | None = None,
+    sample_labelled: SampleLabelled | None = None,
 ) -> Generator:
     """Train (or resume training) a MiniGAN and return its ``g_ema`` in eval mode.
 
@@ -603,6 +639,13 @@ def train_minigan(
         coverage_from_step: the term is on from this step onwards (a recipe may train plain StyleGAN2 first).
         coverage_marginal: the term's batch-marginal part, ``entropy`` (CatGAN) or ``uniform_kl``
             (see :func:`generators.label_coverage.coverage_loss`).
+        classifier: instead of a frozen ``labels``, a trainable labeller (e.g.
+            :class:`generators.label_coverage.LabelClassifier`) trained adversarially beside D from the first step
+            with :func:`generators.label_coverage.classifier_d_loss` (CatGAN's discriminator-side classifier); its
+            weights and optimiser are checkpointed, not exported. It is trained before ``coverage_from_step`` too,
+            so a late start gives it a head start on G.
+        sample_labelled: the real-data sampler when ``classifier`` is given (used instead of ``sample_real``):
+            ``sample_labelled(n, generator)`` -> (images, {axis: labels}) for the classifier's axes.
 
     Returns:
         The trained ``g_ema`` (also exported to ``out_dir / "g_ema.safetensors"``).
@@ -618,6 +661,11 @@ def train_minigan(
         d_table = dict(g_table)
     else:
         d_table = uniform_channels(d_channels, size) if isinstance(d_channels, int) else dict(d_channels)
+    if labels is not None and classifier is not None:
+        raise ValueError("give a frozen `labels` or an adversarial `classifier` for the label-coverage term, not both")
+    if (classifier is None) != (sample_labelled is None):
+        raise ValueError("an adversarial `classifier` needs `sample_labelled` (labelled real images), and vice versa")
+    labeller = labels if labels is not None else classifier
     config = MiniGANConfig(
         size=size,
         style_dim=style_dim,
@@ -639,13 +687,17 @@ def train_minigan(
         feature_d_layers=tuple(int(i) for i in features.layers) if features is not None else (),
         feature_d_width=feature_d_width,
         coverage_weight=coverage_weight,
-        coverage_from_step=coverage_from_step if labels is not None else 0,
-        coverage_marginal=coverage_marginal if labels is not None else "entropy",
+        coverage_from_step=coverage_from_step if labeller is not None else 0,
+        coverage_marginal=coverage_marginal if labeller is not None else "entropy",
+        coverage_labeller="adversarial" if classifier is not None else "frozen",
     )
     if coverage_marginal not in MARGINALS:
         raise ValueError(f"unknown coverage_marginal {coverage_marginal!r}; allowed: {', '.join(MARGINALS)}")
-    if (labels is None) != (coverage_weight == 0):
-        raise ValueError("a label-coverage term needs both `labels` and coverage_weight > 0 (or neither)")
+    if (labeller is None) != (coverage_weight == 0):
+        raise ValueError(
+            "a label-coverage term needs both a labeller (`labels` or `classifier`) and coverage_weight > 0 "
+            "(or neither)"
+        )
     if (features is None) != (feature_d_weight == 0):
         raise ValueError("a feature discriminator needs both `features` and feature_d_weight > 0 (or neither)")
     if batch >= 4 and batch % 4 != 0:
@@ -676,8 +728,11 @@ def train_minigan(
             state.feature_d = FeatureDiscriminator(features.hidden_size, len(features.layers), feature_d_width)
             state.feature_d = state.feature_d.to(device)
             state.feature_d_optim = torch.optim.Adam(state.feature_d.parameters(), lr=lr, betas=(0.0, 0.99))
-        if labels is not None:
-            state.labels = labels.to(device)
+        if labeller is not None:
+            state.labels = labeller.to(device)
+            _requires_grad(state.labels, False)  # only its own step (adversarial classifier) trains it
+        if classifier is not None:
+            state.classifier_optim = torch.optim.Adam(classifier.parameters(), lr=lr, betas=(0.0, 0.99))
 
         sidecar = read_checkpoint_sidecar(out_dir)
         if sidecar is not None:
@@ -705,7 +760,7 @@ def train_minigan(
         try:
             with _deferred_sigint(stop):
                 while state.step < steps:
-                    step_logs = _train_step(state, config, sample_real, ema_decay)
+                    step_logs = _train_step(state, config, sample_real, ema_decay, sample_labelled)
                     now = time.monotonic()
                     state.train_seconds += now - clock
                     clock = now

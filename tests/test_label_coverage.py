@@ -161,3 +161,91 @@ def test_world_gan_stage_builds_the_labeller_from_miniclip(tmp_path: Path, monke
     sidecar = read_checkpoint_sidecar(tmp_path / "work" / "gan")
     assert sidecar["config"]["coverage_weight"] == 0.5 and sidecar["step"] == 2 and "coverage" in sidecar["logs"]
     assert sidecar["config"]["coverage_marginal"] == "uniform_kl"
+
+
+def _labelled_squares(n: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The same images as `_squares`, labelled by the image's brightest colour channel on average."""
+    images = _squares(n, generator)
+    return images, {"colour": images.mean((2, 3)).argmax(1)}
+
+
+def test_label_classifier_learns_real_labels_and_stays_undecided_on_fakes() -> None:
+    from generators.label_coverage import LabelClassifier, classifier_d_loss
+
+    torch.manual_seed(0)
+    classifier = LabelClassifier({"colour": 3}, size=8, width=8)
+    optim = torch.optim.Adam(classifier.parameters(), lr=3e-3)
+    data = torch.Generator().manual_seed(0)
+    fakes = torch.rand(64, 3, 8, 8, generator=data) * 2 - 1  # noise: nothing a real label describes
+    first = None
+    for _ in range(150):
+        real, labels = _labelled_squares(64, data)
+        loss, logs = classifier_d_loss(classifier, real, labels, fakes)
+        first = first or {k: float(v) for k, v in logs.items()}
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    real, labels = _labelled_squares(256, data)
+    with torch.no_grad():
+        accuracy = (classifier(real)["colour"].argmax(1) == labels["colour"]).float().mean().item()
+        fake_entropy = -(classifier(fakes)["colour"] * classifier(fakes)["colour"].log()).sum(-1).mean().item()
+    assert accuracy > 0.9 and logs["cls_real_ce"] < 0.5 * first["cls_real_ce"]
+    assert fake_entropy > 0.9 * math.log(3)  # near-uniform on the fakes it was trained against
+    with pytest.raises(ValueError, match="colour"):
+        classifier_d_loss(classifier, real, {"style": labels["colour"]}, fakes)
+
+
+def test_minigan_adversarial_classifier_is_trained_checkpointed_and_resumed(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from generators.label_coverage import LabelClassifier
+
+    def classifier() -> LabelClassifier:
+        torch.manual_seed(5)
+        return LabelClassifier({"colour": 3}, size=8, width=8)
+
+    kwargs = {**_TINY, "coverage_weight": 1.0, "sample_labelled": _labelled_squares, "log_every": 1}
+    straight = classifier()
+    untrained = {k: v.clone() for k, v in straight.state_dict().items()}
+    train_minigan(_squares, tmp_path / "straight", steps=4, classifier=straight, **kwargs)
+    train_minigan(_squares, tmp_path / "resumed", steps=2, classifier=classifier(), **kwargs)
+    resumed = classifier()  # a fresh module: the checkpoint restores it
+    train_minigan(_squares, tmp_path / "resumed", steps=4, classifier=resumed, **kwargs)
+
+    sidecar = read_checkpoint_sidecar(tmp_path / "straight")
+    assert sidecar["config"]["coverage_labeller"] == "adversarial"
+    assert {"coverage", "cls_real_ce", "cls_fake_entropy"} <= sidecar["logs"].keys()
+    assert not torch.equal(straight.trunk[0].weight, untrained["trunk.0.weight"])  # the game trained it
+    a = load_file(next((tmp_path / "straight").glob("checkpoint-*.safetensors")))
+    b = load_file(next((tmp_path / "resumed").glob("checkpoint-*.safetensors")))
+    assert "classifier.trunk.0.weight" in a and any(k.startswith("classifier_optim.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    assert torch.equal(straight.trunk[0].weight, resumed.trunk[0].weight)
+
+    with pytest.raises(ValueError, match="not both"):
+        train_minigan(_squares, tmp_path / "x", steps=1, labels=_labeller(), classifier=classifier(), **kwargs)
+    with pytest.raises(ValueError, match="sample_labelled"):
+        train_minigan(_squares, tmp_path / "y", steps=1, classifier=classifier(), coverage_weight=1.0, **_TINY)
+    with pytest.raises(ValueError, match="different config"):  # a frozen-labeller run is a different run
+        train_minigan(_squares, tmp_path / "straight", steps=5, labels=_labeller(), coverage_weight=1.0, **_TINY)
+
+
+def test_world_gan_stage_trains_an_adversarial_classifier_on_minicanvas_labels(tmp_path: Path) -> None:
+    """`gan_coverage_labeller: adversarial` needs no MiniCLIP: CatGAN's classifier learns the dataset's labels."""
+    from safetensors.torch import load_file
+
+    from generators.minicanvas import world as world_module
+    from generators.minicanvas.concepts import OBJECTS, STYLES
+    from generators.minicanvas.train import WorldSettings
+
+    settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1, gan_coverage_weight=1.0,
+                             gan_coverage_from_step=1, gan_coverage_labeller="adversarial", gan_classifier_width=8)
+    world_module.build(only=["gan"], device="cpu", out_dir=tmp_path / "world", work_dir=tmp_path / "work",
+                       settings=settings)
+    sidecar = read_checkpoint_sidecar(tmp_path / "work" / "gan")
+    assert sidecar["config"]["coverage_labeller"] == "adversarial" and "cls_real_ce" in sidecar["logs"]
+    tensors = load_file(tmp_path / "work" / "gan" / sidecar["tensors"])
+    assert tensors["classifier.heads.style.weight"].shape[0] == len(STYLES)
+    assert tensors["classifier.heads.object.weight"].shape[0] == len(OBJECTS)
+    assert (tmp_path / "world" / "gan" / "generator.safetensors").is_file()
+    assert not any("classifier" in k for k in load_file(tmp_path / "world" / "gan" / "discriminator.safetensors"))

@@ -91,6 +91,11 @@ class WorldSettings(BaseModel):
     gan_coverage_weight: float = Field(default=1.0, ge=0)
     gan_coverage_from_step: int = Field(default=10_000, ge=0, description="The coverage term is on from this step.")
     gan_coverage_marginal: Literal["entropy", "uniform_kl"] = "entropy"
+    # Who labels the fakes for that term: "frozen" = MiniCLIP zero-shot (the shipped run); "adversarial" = CatGAN's
+    # own classifier (generators.label_coverage.LabelClassifier, width gan_classifier_width) trained beside D on the
+    # real images' labels and towards indecision on fakes, from the run's first step.
+    gan_coverage_labeller: Literal["frozen", "adversarial"] = "frozen"
+    gan_classifier_width: int = Field(default=64, gt=0)
     # Diffusion Soup's base (stage "soup", generators/minicanvas/soup.py): MiniSD's UNet trained from scratch like
     # phase 1 of `unet` (plain epsilon-MSE, cosine schedule, EMA), on every style except the shards' styles, which
     # the soup method's per-shard fine-tunes then teach.

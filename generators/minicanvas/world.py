@@ -92,6 +92,25 @@ def _zero_shot_labels(root: Path):
                           processor.image_processor.image_std)
 
 
+def _adversarial_classifier(settings):
+    """CatGAN's classifier for the MiniGAN's label-coverage term (freshly initialised from the GAN's seed) and the
+    labelled real-image sampler that trains it (the same image stream as the plain GAN's sampler)."""
+    from ..label_coverage import LabelClassifier
+    from .concepts import OBJECTS, STYLES
+    from .dataset import IMAGE_SIZE, sample_batch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.gan_seed)
+        classifier = LabelClassifier({"style": len(STYLES), "object": len(OBJECTS)}, size=IMAGE_SIZE,
+                                     width=settings.gan_classifier_width)
+
+    def sample_labelled(n: int, generator: torch.Generator):
+        images, style, obj = sample_batch(n, generator)
+        return images, {"style": style, "object": obj}
+
+    return classifier, sample_labelled
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import transformers
@@ -252,7 +271,11 @@ def build(
                 clip, processor = load_clip("cpu", root)
                 features = CLIPPatchFeatures(clip.vision_model, processor.image_processor.image_mean,
                                              processor.image_processor.image_std, layers=GAN_FEATURE_LAYERS)
-            labels = _zero_shot_labels(root) if settings.gan_coverage_weight > 0 else None
+            labels = classifier = sample_labelled = None
+            if settings.gan_coverage_weight > 0 and settings.gan_coverage_labeller == "frozen":
+                labels = _zero_shot_labels(root)
+            elif settings.gan_coverage_weight > 0:
+                classifier, sample_labelled = _adversarial_classifier(settings)
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
                                   seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
                                   channels=settings.gan_channels, checkpoint_every=settings.checkpoint_every,
@@ -261,7 +284,8 @@ def build(
                                   features=features, feature_d_weight=settings.gan_feature_d_weight,
                                   labels=labels, coverage_weight=settings.gan_coverage_weight,
                                   coverage_from_step=settings.gan_coverage_from_step,
-                                  coverage_marginal=settings.gan_coverage_marginal)
+                                  coverage_marginal=settings.gan_coverage_marginal,
+                                  classifier=classifier, sample_labelled=sample_labelled)
             sidecar = read_checkpoint_sidecar(work / "gan") or {}
             LOOP_SECONDS["minigan"] = float(sidecar.get("train_seconds", 0.0))
             provenance = {"step": str(sidecar.get("step", settings.gan_steps))}

@@ -239,7 +239,8 @@ def test_world_gan_stage_trains_an_adversarial_classifier_on_minicanvas_labels(t
     from generators.minicanvas.train import WorldSettings
 
     settings = WorldSettings(gan_steps=2, gan_batch=4, gan_channels=8, checkpoint_every=1, gan_coverage_weight=1.0,
-                             gan_coverage_from_step=1, gan_coverage_labeller="adversarial", gan_classifier_width=8)
+                             gan_coverage_from_step=1, gan_coverage_labeller="adversarial", gan_classifier_width=8,
+                             gan_classifier_pretrain_steps=2)
     world_module.build(only=["gan"], device="cpu", out_dir=tmp_path / "world", work_dir=tmp_path / "work",
                        settings=settings)
     sidecar = read_checkpoint_sidecar(tmp_path / "work" / "gan")
@@ -249,3 +250,22 @@ def test_world_gan_stage_trains_an_adversarial_classifier_on_minicanvas_labels(t
     assert tensors["classifier.heads.object.weight"].shape[0] == len(OBJECTS)
     assert (tmp_path / "world" / "gan" / "generator.safetensors").is_file()
     assert not any("classifier" in k for k in load_file(tmp_path / "world" / "gan" / "discriminator.safetensors"))
+
+
+def test_pretrain_classifier_learns_the_labels_on_its_own_data_stream() -> None:
+    from generators.label_coverage import LabelClassifier, pretrain_classifier
+
+    def trained(seed: int) -> LabelClassifier:
+        torch.manual_seed(0)
+        classifier = LabelClassifier({"colour": 3}, size=8, width=8)
+        pretrain_classifier(classifier, _labelled_squares, steps=150, batch=64, lr=3e-3, seed=seed, progress=False)
+        return classifier
+
+    classifier = trained(0)
+    real, labels = _labelled_squares(256, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        accuracy = (classifier(real)["colour"].argmax(1) == labels["colour"]).float().mean().item()
+    assert accuracy > 0.9
+    assert not any(p.requires_grad for p in classifier.parameters())  # handed back frozen, as training expects
+    assert torch.equal(trained(0).heads["colour"].weight, classifier.heads["colour"].weight)  # deterministic
+    assert not torch.equal(trained(1).heads["colour"].weight, classifier.heads["colour"].weight)

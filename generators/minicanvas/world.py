@@ -92,10 +92,11 @@ def _zero_shot_labels(root: Path):
                           processor.image_processor.image_std)
 
 
-def _adversarial_classifier(settings):
-    """CatGAN's classifier for the MiniGAN's label-coverage term (freshly initialised from the GAN's seed) and the
-    labelled real-image sampler that trains it (the same image stream as the plain GAN's sampler)."""
-    from ..label_coverage import LabelClassifier
+def _adversarial_classifier(settings, pretrain: bool = True):
+    """CatGAN's classifier for the MiniGAN's label-coverage term (initialised from the GAN's seed, then
+    ``gan_classifier_pretrain_steps`` on real images when ``pretrain``) and the labelled real-image sampler of the
+    game (the same image stream as the plain GAN's sampler)."""
+    from ..label_coverage import LabelClassifier, pretrain_classifier
     from .concepts import OBJECTS, STYLES
     from .dataset import IMAGE_SIZE, sample_batch
 
@@ -108,6 +109,9 @@ def _adversarial_classifier(settings):
         images, style, obj = sample_batch(n, generator)
         return images, {"style": style, "object": obj}
 
+    if pretrain and settings.gan_classifier_pretrain_steps > 0:
+        pretrain_classifier(classifier, sample_labelled, settings.gan_classifier_pretrain_steps,
+                            seed=settings.gan_seed + 1)
     return classifier, sample_labelled
 
 
@@ -275,7 +279,9 @@ def build(
             if settings.gan_coverage_weight > 0 and settings.gan_coverage_labeller == "frozen":
                 labels = _zero_shot_labels(root)
             elif settings.gan_coverage_weight > 0:
-                classifier, sample_labelled = _adversarial_classifier(settings)
+                # A checkpoint in the work folder restores the classifier: its head start is then not repeated.
+                fresh = read_checkpoint_sidecar(work / "gan") is None
+                classifier, sample_labelled = _adversarial_classifier(settings, pretrain=fresh)
             g_ema = train_minigan(lambda n, gen: sample_images(n, gen), work / "gan", device=device,
                                   seed=settings.gan_seed, steps=settings.gan_steps, batch=settings.gan_batch,
                                   channels=settings.gan_channels, checkpoint_every=settings.checkpoint_every,

@@ -30,11 +30,7 @@ Choices that are ours (the paper's details were not accessible):
   kind (e.g. every other object); else ``photo`` (NADA's usual source class);
 * prompt templates: on MiniCanvas the world's caption templates (UnlearnCanvas' template and the training
   paraphrases, over every partner concept); elsewhere a short list of CLIP's ImageNet templates;
-* the preservation weights and the ``image`` direction option;
-* ``clip_views``: the directional loss read through K random views of each image pair (the same random shift,
-  scale and flip for the trained and the frozen image), as CLIP-guided image synthesis does against adversarial
-  fooling (CLIPDraw, Frans et al. 2022; VQGAN-CLIP, Crowson et al. 2022). Without it, on MiniGAN, the generator
-  learned to make MiniCLIP stop seeing circles that the MiniCanvas classifier still saw (docs/gan_erasure.md).
+* the preservation weights and the ``image`` direction option.
 
 From NADA: Adam with lr ``0.002 x 4/5`` and betas ``(0, 0.99^(4/5))``; trained layers ``synthesis`` (the learned
 constant, ``conv1`` and every synthesis conv including their modulations; mapping network and ToRGBs frozen);
@@ -46,7 +42,6 @@ MiniCLIP on MiniCanvas, or a local transformers CLIP folder (``clip``), never a 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -145,18 +140,6 @@ class TextToUnlearnParams(MethodParams):
         description="Retain latent: CLIP's target probability is at most this (and it is no forget latent). Ours.",
     )
     lambda_direction: float = Field(1.0, ge=0, description="Weight of the directional loss. NADA: 1.")
-    clip_views: int = Field(
-        0,
-        ge=0,
-        description="Random views (shift, scale, flip; the same for both twins) per forget image in the "
-        "directional loss. 0: the image itself (NADA). Ours.",
-    )
-    view_shift: float = Field(
-        0.125, ge=0, le=0.5, description="Largest shift of a view, as a fraction of the image size. Ours."
-    )
-    view_scale: float = Field(
-        0.15, ge=0, lt=1, description="Views are zoomed by a factor in [1 - this, 1 + this]. Ours."
-    )
     edit_norm_floor: float = Field(
         0.05,
         ge=0,
@@ -265,31 +248,6 @@ def load_clip_guide(params: TextToUnlearnParams, minicanvas: bool, device: torch
         raise UserError(f"MiniCLIP is not built in {world_dir()}; run `erasure-studio world build`")
     model, processor = load_clip(str(device))
     return ClipGuide(model, processor).to(device)
-
-
-def random_views(
-    images: Sequence[Tensor], views: int, generator: torch.Generator, shift: float = 0.125, scale: float = 0.15
-) -> list[Tensor]:
-    """``views`` random affine views of each image, the *same* views for every tensor in ``images`` (each
-    (B, C, H, W), e.g. the trained and the frozen twin's images of the same latents). Per view and sample: a shift
-    of up to ``shift`` of the image size on each axis, a zoom in ``[1 - scale, 1 + scale]`` and a horizontal flip
-    with probability 1/2, drawn from ``generator`` (CPU); differentiable, reflection padding. Each output is
-    (views * B, C, H, W), view-major."""
-    b = images[0].shape[0]
-    n = views * b
-    zoom = 1 + scale * (2 * torch.rand(n, generator=generator) - 1)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    offset = shift * 2 * (2 * torch.rand(n, 2, generator=generator) - 1)  # grid coordinates span 2
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = flip / zoom
-    theta[:, 1, 1] = 1 / zoom
-    theta[:, :, 2] = offset
-    out = []
-    for x in images:
-        repeated = x.repeat(views, 1, 1, 1)
-        grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(repeated.shape), align_corners=False)
-        out.append(F.grid_sample(repeated, grid, mode="bilinear", padding_mode="reflection", align_corners=False))
-    return out
 
 
 def directional_loss(
@@ -492,16 +450,7 @@ class TextToUnlearn(ErasureMethod):
         img_t, _ = trained([z], noise=noise)
         e_t = clip.encode_images(img_t)
         b = params.batch_size
-        if params.clip_views > 0:  # the same random views of each (trained, frozen) pair
-            view_t, view_f = random_views(
-                [img_t[:b], img_f[:b]], params.clip_views, loop, params.view_shift, params.view_scale
-            )
-            with torch.no_grad():
-                e_f_dir = clip.encode_images(view_f)
-            e_t_dir = clip.encode_images(view_t)
-        else:
-            e_t_dir, e_f_dir = e_t[:b], e_f[:b]
-        l_dir = directional_loss(e_t_dir, e_f_dir, direction.to(device), params.edit_norm_floor)
+        l_dir = directional_loss(e_t[:b], e_f[:b], direction.to(device), params.edit_norm_floor)
         loss = params.lambda_direction * l_dir
         logs = {"direction": float(l_dir.detach())}
         if n_r:
@@ -526,6 +475,5 @@ __all__ = [
     "TextToUnlearnParams",
     "directional_loss",
     "layer_noise",
-    "random_views",
     "trainable_names",
 ]

@@ -93,7 +93,8 @@ class WorldSettings(BaseModel):
     gan_coverage_marginal: Literal["entropy", "uniform_kl"] = "entropy"
     # Who labels the fakes for that term: "frozen" = MiniCLIP zero-shot (the shipped run); "adversarial" = CatGAN's
     # own classifier (generators.label_coverage.LabelClassifier, width gan_classifier_width) trained beside D on the
-    # real images' labels and towards indecision on fakes, from the run's first step.
+    # real images' labels and towards indecision on fakes, from the run's first step. Measured from the shipped
+    # model (docs/gan_erasure.md): 1,035 steps of it made all four verify figures worse and drew no Meadow or Neon.
     gan_coverage_labeller: Literal["frozen", "adversarial"] = "frozen"
     gan_classifier_width: int = Field(default=32, gt=0)
     # Its head start on real images alone before the game (Adam 1e-3, batch 64): from scratch it reads objects at

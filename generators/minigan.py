@@ -79,7 +79,6 @@ SampleReal = Callable[[int, torch.Generator], Tensor]
 """``sample_real(n, generator)`` -> n real images in [-1, 1], shape (n, 3, size, size), on the training device."""
 SampleLabelled = Callable[[int, torch.Generator], tuple[Tensor, Mapping[str, Tensor]]]
 """``sample_labelled(n, generator)`` -> (n real images as ``sample_real`` draws them, {axis: (n,) labels})."""
-LABELLERS = ("frozen", "adversarial")
 
 SIDECAR_NAME = "checkpoint.json"
 EXPORT_NAME = "g_ema.safetensors"

@@ -98,7 +98,7 @@ class WorldSettings(BaseModel):
     gan_coverage_labeller: Literal["frozen", "adversarial"] = "frozen"
     gan_classifier_width: int = Field(default=32, gt=0)
     # Its head start on real images alone before the game (Adam 1e-3, batch 64): from scratch it reads objects at
-    # chance for hundreds of steps. Measured: object accuracy 0.71 after 600 steps (0.2 s a step on 2 cores).
+    # chance for hundreds of steps. Measured: object accuracy 0.71 after 600 steps (about 0.2 s a step, one thread).
     gan_classifier_pretrain_steps: int = Field(default=3000, ge=0)
     # Diffusion Soup's base (stage "soup", generators/minicanvas/soup.py): MiniSD's UNet trained from scratch like
     # phase 1 of `unet` (plain epsilon-MSE, cosine schedule, EMA), on every style except the shards' styles, which

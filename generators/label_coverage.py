@@ -157,6 +157,13 @@ class LabelClassifier(nn.Module):
         return {axis: logits.softmax(-1) for axis, logits in self.logits(images).items()}
 
 
+def _cross_entropies(
+    classifier: LabelClassifier, images: Tensor, labels: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    logits = classifier.logits(images)
+    return {a: F.cross_entropy(logits[a], labels[a].long()) for a in classifier.axes}
+
+
 def classifier_d_loss(
     classifier: LabelClassifier, real: Tensor, real_labels: Mapping[str, Tensor], fake: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -169,8 +176,8 @@ def classifier_d_loss(
     missing = [axis for axis in classifier.axes if axis not in real_labels]
     if missing:
         raise ValueError(f"real_labels lacks the classifier's axes {missing}")
-    real_logits, fake_probs = classifier.logits(real), classifier(fake)
-    cross_entropy = sum(F.cross_entropy(real_logits[a], real_labels[a].long()) for a in classifier.axes)
+    cross_entropy = sum(_cross_entropies(classifier, real, real_labels).values())
+    fake_probs = classifier(fake)
     fake_entropy = sum(_entropy(fake_probs[a]).mean() for a in classifier.axes)
     logs = {"cls_real_ce": cross_entropy.detach(), "cls_fake_entropy": fake_entropy.detach()}
     return cross_entropy - fake_entropy, logs
@@ -199,8 +206,7 @@ def pretrain_classifier(
     last: dict[str, float] = {}
     for _ in tqdm(range(steps), desc="coverage classifier", disable=not progress):
         images, labels = sample_labelled(batch, generator)
-        logits = classifier.logits(images)
-        losses = {a: F.cross_entropy(logits[a], labels[a].long()) for a in classifier.axes}
+        losses = _cross_entropies(classifier, images, labels)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()

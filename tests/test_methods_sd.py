@@ -444,6 +444,24 @@ def test_advunlearn_captions_negate_from_the_caption_without_the_target(pipeline
     assert differing(snapshot(name_pipe.text_encoder), caption_pipe.text_encoder)
 
 
+
+def test_advunlearn_embedding_keep_term_holds_retain_and_empty_prompt_embeddings(pipelines, tmp_path) -> None:
+    """``embedding_keep_weight`` pulls the retain prompts' and the empty prompt's per-token embeddings back towards
+    the original encoder's; off (0), the adversarial ESD steps move them freely."""
+    prompts = [*RETAIN, ""]
+    original = pipelines["sd15"]
+    before = encode_prompts(original.tokenizer, original.text_encoder, prompts)
+    drift = {}
+    for weight in (0.0, 1e4):
+        pipe = copy.deepcopy(original)
+        run("advunlearn", pipe, tmp_path / str(weight), iterations=8, lr=1e-2, embedding_keep_weight=weight,
+            embedding_keep_batch=3)
+        after = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
+        drift[weight] = float((after - before).pow(2).mean())
+    assert drift[0.0] > 0
+    assert drift[1e4] < 0.5 * drift[0.0]
+
+
 # ------------------------------------------------------------------------------------------------- configs
 
 

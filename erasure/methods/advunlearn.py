@@ -19,6 +19,11 @@ Only the text encoder is trained (``text_encoder_full``: all transformer layers 
   model's predictions made through the *original* text encoder, plus ``retain_loss_weight`` x the utility term
   ``MSE(eps(x_r, TextEnc_theta(r)), sg[eps*(x_r, TextEnc*(r))])`` on ``retain_batch`` retain prompts
   (the README's ``--retain_train reg``). During warm-up the clean concept prompt is used instead of the attack.
+* **Embedding keeping** (ours, ``embedding_keep_weight``; 0 = the reference): ``MSE(TextEnc_theta(p), TextEnc*(p))``
+  on the per-token embeddings of ``embedding_keep_batch`` retain prompts and of the empty prompt, every step. The
+  utility term above only asks the frozen UNet's output to stay put at one noise level, and the encoder drifted on
+  every prompt regardless (on MiniCanvas Ember at eta 2: relative embedding MSE 0.2-0.8; the empty prompt, CFG's
+  unconditional branch for every image, 0.5); objects of untouched styles went with it (CRA 0.83).
 
 Our option ``concept_prompts: captions`` (MiniCanvas): the concept prompts are the captions that name the target
 ("A circle image in Lagoon style.") instead of the bare name, and the ESD target's reference branch is the frozen
@@ -72,10 +77,14 @@ class AdvUnlearnParams(MethodParams):
     # lost their objects). Retain weight 2.0: Neon CRA 0.892, and Ember / Lagoon / Cinder / Neon all UA 1.0, IRA >= 0.91,
     # CRA >= 0.87 (10 retain prompts per step instead left Neon at 0.842). Hub ASR then 0.0 / 0.4 / 1.0 / 0.0 against
     # ESD's 1.0 / 0.8 / 0.8 / 0.0: the near-neighbour Cinder is not held against the 5-token evaluation attack.
+    # Negative guidance 2.0 held Cinder (ASR 0.6) but no retain weight (3, 4, 5) kept Ember's CRA at 0.85: the text
+    # encoder drifted on every prompt (relative MSE of the per-token embeddings 0.2-0.8, the empty prompt's 0.5-0.7).
+    # With the embedding-keeping term (weight 1.0) as well: Ember / Cinder / Neon UA 1.0, IRA 1.0, CRA 0.908 / 0.908 /
+    # 0.992, ASR 0.2 / 0.2 / 0.0 (ESD 1.0 / 0.8 / 0.0), 220-262 s (docs/leaderboard/README.md).
     iterations: int = Field(400, ge=1, description="Defence (text-encoder) steps. Reference: 1000.")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate of the text encoder. Reference: 1e-5.")
     batch_size: int = Field(1, ge=1, description="Concept latents per defence step. Reference: 1.")
-    negative_guidance: float = Field(1.0, ge=0, description="eta of the ESD target. Reference: 1.0.")
+    negative_guidance: float = Field(2.0, ge=0, description="eta of the ESD target. Reference: 1.0.")
     start_guidance: float = Field(
         3.0, ge=0, description="CFG scale of the DDIM sampling of x_t. Reference: 3."
     )
@@ -84,7 +93,17 @@ class AdvUnlearnParams(MethodParams):
     )
     retain_batch: int = Field(5, ge=0, description="Retain prompts per defence step. Reference: 5.")
     retain_loss_weight: float = Field(
-        2.0, ge=0, description="Weight of the utility-retaining term. Reference: 0.3 (README; argparse 1.0)."
+        4.0, ge=0, description="Weight of the utility-retaining term. Reference: 0.3 (README; argparse 1.0)."
+    )
+    embedding_keep_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Ours: weight of MSE(TextEnc_theta(r), TextEnc*(r)) on the per-token embeddings of "
+        "embedding_keep_batch retain prompts plus the empty prompt (CFG's unconditional branch) each step. The "
+        "reference has no such term. 0 = off.",
+    )
+    embedding_keep_batch: int = Field(
+        32, ge=0, description="Retain prompts in the embedding-keeping term per step (the empty prompt is added)."
     )
     warmup_iterations: int = Field(
         40,
@@ -196,6 +215,7 @@ class AdvUnlearn(ErasureMethod):
         ctx.log("advunlearn: sampled concept and retain trajectories with the frozen UNet")
         concept_ids = tokenize(tokenizer, words)
         retain_ids = tokenize(tokenizer, retain_words)
+        empty_ids = tokenize(tokenizer, [""])
         by_prompt = [torch.nonzero(bank.prompt_index.cpu() == i).flatten() for i in range(len(words))]
 
         trained = train_only(
@@ -274,6 +294,14 @@ class AdvUnlearn(ErasureMethod):
                 )
                 retain_loss = F.mse_loss(retain_out, r_frozen_out)
                 loss = loss + params.retain_loss_weight * retain_loss
+            keep_loss = torch.zeros(())
+            if params.embedding_keep_weight > 0:
+                # Ours: hold the per-token embeddings of retain prompts and of "" where the original put them.
+                e = torch.randint(len(retain_words), (params.embedding_keep_batch,), generator=generator)
+                ids = torch.cat([retain_ids[e], empty_ids])
+                original = torch.cat([retain[e], retain.empty.unsqueeze(0)])
+                keep_loss = F.mse_loss(encode_ids(text_encoder, ids), original)
+                loss = loss + params.embedding_keep_weight * keep_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -285,6 +313,7 @@ class AdvUnlearn(ErasureMethod):
                 loss=losses[-1],
                 unlearn=unlearn_loss.item(),
                 retain=retain_loss.item(),
+                keep=keep_loss.item(),
             )
 
         metrics = {"attack_rounds": float(adversary.rounds.item())}

@@ -25,6 +25,9 @@ STEPS: dict[str, dict[str, Any]] = {
     "advunlearn": {
         "iterations": 3, "warmup_iterations": 1, "attack_steps": 2, "ddim_steps": 4, "trajectories": 3,
         "retain_trajectories": 3, "retain_batch": 2, "retain_prompts": RETAIN, "prompts": "target",
+        # Off here: the term uses no frozen-model work that `speed.reuse` keeps, and its near-zero gradients at the
+        # first steps let Adam turn float-level differences between the paths into 2e-6 weight differences.
+        "embedding_keep_weight": 0.0,
     },
     "doco": {
         "iterations": 3, "warmup": 1, "batch_size": 2, "retain_batch": 2, "ddim_steps": 4, "trajectories": 3,

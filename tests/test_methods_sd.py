@@ -444,7 +444,6 @@ def test_advunlearn_captions_negate_from_the_caption_without_the_target(pipeline
     assert differing(snapshot(name_pipe.text_encoder), caption_pipe.text_encoder)
 
 
-
 def test_advunlearn_embedding_keep_term_holds_retain_and_empty_prompt_embeddings(pipelines, tmp_path) -> None:
     """``embedding_keep_weight`` pulls the retain prompts' and the empty prompt's per-token embeddings back towards
     the original encoder's; off (0), the adversarial ESD steps move them freely."""

@@ -300,7 +300,7 @@ class AdvUnlearn(ErasureMethod):
                 # Ours: hold the per-token embeddings of retain prompts and of "" where the original put them.
                 e = torch.randint(len(retain_words), (params.embedding_keep_batch,), generator=generator)
                 ids = torch.cat([retain_ids[e], empty_ids])
-                original = torch.cat([retain[e], retain.empty.unsqueeze(0)])
+                original = torch.cat([retain[e], retain.uncond(1)])
                 keep_loss = F.mse_loss(encode_ids(text_encoder, ids), original)
                 loss = loss + params.embedding_keep_weight * keep_loss
             optimizer.zero_grad(set_to_none=True)

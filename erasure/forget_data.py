@@ -118,6 +118,45 @@ class ConceptPrompts:
         return list(self.retain)
 
 
+EsdReference = Literal["empty", "caption", "others"]
+"""The reference branch r of ESD's target ``eps*(x_t, r) - eta (eps*(x_t, c) - eps*(x_t, r))``: see
+:func:`esd_references`."""
+
+
+class References:
+    """The reference branch's prompts: ``per_prompt`` of them for each concept prompt (stored consecutively); a
+    state of concept prompt ``i`` gets one of its own, drawn at random when there are several."""
+
+    def __init__(self, prompts: PromptEmbeddings, per_prompt: int) -> None:
+        self.prompts = prompts
+        self.per_prompt = per_prompt
+
+    def draw(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Reference embeddings for the states of concept prompts ``index`` (one random draw per state)."""
+        rows = index.cpu() * self.per_prompt
+        if self.per_prompt > 1:
+            rows = rows + torch.randint(self.per_prompt, rows.shape, generator=generator)
+        return self.prompts[rows.to(self.prompts.embeddings.device)]
+
+
+def esd_references(tokenizer, text_encoder, sets: ConceptPrompts, kind: EsdReference) -> References | None:
+    """ESD's reference branch for the forget prompts of ``sets``: ``empty`` -> None (the empty prompt, as the
+    paper); ``caption`` -> each prompt with the target's name dropped ('A circle image in style.'); ``others`` ->
+    each prompt with every other concept of the target's kind in its place, one drawn per state: ESD's loss is a
+    squared error, so its optimum negates from the *mean* of the other concepts' scores."""
+    if kind == "empty":
+        return None
+    if kind == "caption":
+        prompts = [without_concept(t) for t in sets.templates]
+        return References(PromptEmbeddings(tokenizer, text_encoder, prompts), 1)
+    if not sets.others:
+        raise ValueError(
+            "reference 'others' needs the other concepts of the target's kind (MiniCanvas prompts)"
+        )
+    prompts = [fill(t, other) for t in sets.templates for other in sets.others]
+    return References(PromptEmbeddings(tokenizer, text_encoder, prompts), len(sets.others))
+
+
 def is_minicanvas_pipeline(pipe) -> bool:
     """Whether ``pipe`` was loaded from the MiniCanvas world's diffusion pipeline folder."""
     from generators.minicanvas.paths import sd_pipeline_dir

@@ -433,6 +433,38 @@ def test_esd_caption_reference_replaces_the_empty_prompt(pipelines, tmp_path, sa
     assert differing(snapshot(plain.unet), captioned.unet)
 
 
+def test_esd_others_reference_puts_each_other_concept_in_the_targets_place(pipelines) -> None:
+    """``reference: others``: for each concept prompt, the same caption with every other style (none naming the
+    target); a state of prompt ``i`` draws among prompt ``i``'s references only, and over draws reaches them all."""
+    from erasure.forget_data import References, concept_prompts, esd_references
+
+    pipe = pipelines["sd15"]
+    sets = concept_prompts(Target.parse("style:Ember"), None, "minicanvas")
+    references = esd_references(pipe.tokenizer, pipe.text_encoder, sets, "others")
+    n = len(sets.others)
+    assert references.per_prompt == n == 11 and len(references.prompts) == len(sets.templates) * n
+    first = references.prompts.prompts[:n]
+    assert first == [sets.templates[0].replace("{concept}", other) for other in sets.others]
+    assert not any("Ember" in prompt for prompt in references.prompts.prompts)
+
+    class Rows:  # PromptEmbeddings stand-in whose row i is the number i
+        embeddings = torch.arange(len(sets.templates) * n)
+
+        def __getitem__(self, index):
+            return self.embeddings[index]
+
+    drawn = References(Rows(), n).draw(torch.tensor([0, 3] * 200), torch.Generator().manual_seed(0))
+    assert set(drawn[0::2].tolist()) == set(range(n))  # prompt 0: all its references, and only those
+    assert set(drawn[1::2].tolist()) <= set(range(3 * n, 4 * n))
+
+
+def test_others_reference_needs_the_other_concepts(pipelines, tmp_path) -> None:
+    with pytest.raises(ValueError, match="others"):
+        run("esd", copy.deepcopy(pipelines["sd15"]), tmp_path, reference="others")
+    with pytest.raises(ValueError, match="others"):
+        run("advunlearn", copy.deepcopy(pipelines["sd15"]), tmp_path, concept_prompts="captions", reference="others")
+
+
 def test_advunlearn_captions_negate_from_the_caption_without_the_target(pipelines, tmp_path) -> None:
     """With prompts='target' the caption is the target's own prompt ('lower style'), so ``captions`` differs from
     ``name`` only in the ESD target's reference branch: 'style' instead of the empty prompt."""

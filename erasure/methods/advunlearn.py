@@ -30,7 +30,9 @@ Our option ``concept_prompts: captions`` (MiniCanvas): the concept prompts are t
 model on the same caption with the name dropped ("A circle image in style."), not ``∅``:
 ``sg[eps*(x_t, c⁻) - eta (eps*(x_t, c) - eps*(x_t, c⁻))]``, so that only the target's direction is negated. (With
 ``∅`` as the reference the negated direction also holds the caption's object, and erasing it wrecked the other
-concepts: measured on MiniCanvas Lagoon, IRA 0.76 and CRA 0.52.)
+concepts: measured on MiniCanvas Lagoon, IRA 0.76 and CRA 0.52.) With ``reference: others`` the reference branch is
+the caption with a random other concept of the target's kind instead (:func:`erasure.forget_data.esd_references`),
+for a concept that the model also draws when the caption names none (MiniSD: Mosaic).
 
 The ``x_t`` of the defence step are partial DDIM samples (:mod:`erasure.trajectory`, frozen sampler: the UNet
 never changes, so all states and teacher predictions are computed once). Each field documents the reference
@@ -53,9 +55,9 @@ from erasure.forget_data import (
     COCO_RETAIN_PROMPTS,
     PromptSource,
     concept_prompts,
+    esd_references,
     prompt_trajectories,
     resolve_prompt_source,
-    without_concept,
 )
 from erasure.losses import esd_loss
 from erasure.param_sets import ParameterSubset, TextEncoderComponent, text_encoder_parameter_names, train_only
@@ -104,7 +106,9 @@ class AdvUnlearnParams(MethodParams):
         "reference has no such term. 0 = off.",
     )
     embedding_keep_batch: int = Field(
-        32, ge=0, description="Retain prompts in the embedding-keeping term per step (the empty prompt is added)."
+        32,
+        ge=0,
+        description="Retain prompts in the embedding-keeping term per step (the empty prompt is added).",
     )
     warmup_iterations: int = Field(
         40,
@@ -156,6 +160,12 @@ class AdvUnlearnParams(MethodParams):
         "image in Ember style.'; for prompts='target' the target's own prompt), each with the caption minus the "
         "target as the ESD target's reference branch instead of the empty prompt. Reference: name.",
     )
+    reference: Literal["caption", "others"] = Field(
+        "caption",
+        description="With concept_prompts='captions', the ESD target's reference branch: 'caption' = the caption "
+        "minus the target ('A circle image in style.'); 'others' = the caption with a random other concept of the "
+        "target's kind, drawn per state (MiniCanvas prompts; the optimum negates from their mean).",
+    )
 
 
 class _Adversary(nn.Module):
@@ -198,11 +208,7 @@ class AdvUnlearn(ErasureMethod):
         # Everything from the frozen UNet and the original text encoder, computed once.
         concept = PromptEmbeddings(tokenizer, text_encoder, words)
         # The ESD target's reference branch: ∅ (reference), or for captions each caption minus the target.
-        reference = (
-            PromptEmbeddings(tokenizer, text_encoder, [without_concept(t) for t in sets.templates])
-            if captions
-            else None
-        )
+        reference = esd_references(tokenizer, text_encoder, sets, params.reference if captions else "empty")
         retain = PromptEmbeddings(tokenizer, text_encoder, retain_words)
         scheduler = ddim_scheduler(pipe.scheduler.config, params.ddim_steps, unet.device)
         setup = torch.Generator().manual_seed(ctx.seed)
@@ -273,9 +279,9 @@ class AdvUnlearn(ErasureMethod):
             else:
                 cond = encode_with_prefix(text_encoder, attack, adversary.prefix)
             cond = cond.expand(params.batch_size, -1, -1)
-            if captions:
+            if reference is not None:
                 with torch.no_grad():
-                    ref = reference[torch.full((params.batch_size,), word)]
+                    ref = reference.draw(torch.full((params.batch_size,), word), generator)
                     uncond_out = predict(unet, latents, timesteps, ref)
             unlearn_loss = esd_loss(
                 predict(unet, latents, timesteps, cond),

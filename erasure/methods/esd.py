@@ -18,6 +18,10 @@ step. Budgets: each field documents the paper/CompVis default and, where it diff
 defaults are sized for MiniCanvas on 2 CPU cores. The "erase-from" variant of the diffusers code is not
 implemented. Our option ``reference: caption`` replaces ``∅`` in the target by the concept prompt with the target's
 name dropped, for caption prompts (``prompts: minicanvas``), whose ``eps(c) - eps(∅)`` also holds their objects.
+Our option ``reference: others`` puts a random other concept of the target's kind in the target's place, one per
+state: as the loss is a squared error, its optimum is the target built on the *mean* of the other concepts' scores,
+a neutral reference for models whose caption without a name still draws one concept (MiniSD draws Mosaic for
+"A circle image in style.").
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from pydantic import Field
 
 from erasure.base import ErasureMethod, ErasureResult, MethodParams, RunContext
 from erasure.forget_data import (
+    EsdReference,
     PromptSource,
+    References,
     concept_prompts,
+    esd_references,
     prompt_trajectories,
     resolve_prompt_source,
-    without_concept,
 )
 from erasure.losses import esd_loss
 from erasure.param_sets import (
@@ -102,12 +108,14 @@ class ESDParams(MethodParams):
         "--seperator mode); 'auto' = minicanvas on the MiniCanvas world. With reference='empty' full captions "
         "also erase what else they name (their objects): on MiniCanvas Lagoon that cost CRA 0.92 -> 0.16.",
     )
-    reference: Literal["empty", "caption"] = Field(
+    reference: EsdReference = Field(
         "empty",
         description="Reference branch of the target, eps*(x_t, r) - eta (eps*(x_t, c) - eps*(x_t, r)): 'empty' = "
         "r is the empty prompt (reference); 'caption' = r is each concept prompt with the target's name dropped "
-        "('A circle image in style.'), so that only the target's direction is negated (one more frozen-UNet "
-        "forward per step, and a frozen copy of the UNet).",
+        "('A circle image in style.'), so that only the target's direction is negated; 'others' = r is the "
+        "concept prompt with a random other concept of the target's kind in its place, drawn per state, so that "
+        "the MSE's optimum negates from the mean of the other concepts (MiniCanvas prompts only). Both: one more "
+        "frozen-UNet forward per step, and a frozen copy of the UNet.",
     )
 
 
@@ -132,12 +140,9 @@ class ESD(ErasureMethod):
             f"esd: {params.train_method}, {len(prompts)} concept prompt(s) from '{source}', e.g. {prompts[0]!r}"
         )
         embeddings = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, prompts)
-        references = None
-        if params.reference == "caption":
-            references = PromptEmbeddings(
-                pipe.tokenizer, pipe.text_encoder, [without_concept(t) for t in sets.templates]
-            )
-            ctx.log(f"esd: reference branch {references.prompts[0]!r} instead of the empty prompt")
+        references = esd_references(pipe.tokenizer, pipe.text_encoder, sets, params.reference)
+        if references is not None:
+            ctx.log(f"esd: reference branch {references.prompts.prompts[0]!r} instead of the empty prompt")
         scheduler = ddim_scheduler(pipe.scheduler.config, params.ddim_steps, unet.device)
         setup = torch.Generator().manual_seed(ctx.seed)
 
@@ -187,9 +192,7 @@ class ESD(ErasureMethod):
                 )
             if references is not None and trajectories is not None:
                 with torch.no_grad():
-                    uncond_out = predict(
-                        teacher, latents, timesteps, references[index.to(references.embeddings.device)]
-                    )
+                    uncond_out = predict(teacher, latents, timesteps, references.draw(index, generator))
             prediction = predict(unet, latents, timesteps, embeddings[index.to(embeddings.embeddings.device)])
             loss = esd_loss(prediction, uncond_out, cond_out, params.negative_guidance)
             optimizer.zero_grad(set_to_none=True)
@@ -207,7 +210,7 @@ class ESD(ErasureMethod):
         teacher,
         scheduler,
         embeddings: PromptEmbeddings,
-        references: PromptEmbeddings | None,
+        references: References | None,
         params: ESDParams,
         generator,
     ):
@@ -224,7 +227,7 @@ class ESD(ErasureMethod):
             if references is None:
                 uncond = embeddings.uncond(params.batch_size).to(cond)
             else:
-                uncond = references[index.to(references.embeddings.device)].to(cond)
+                uncond = references.draw(index, generator).to(cond)
             uncond_out, cond_out = predict(
                 teacher,
                 torch.cat([latents, latents]),

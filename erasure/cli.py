@@ -398,19 +398,14 @@ def world_build(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from checkpoints.")] = True,
     set_: Annotated[
         list[str] | None,
-        typer.Option(
-            "--set",
-            metavar="FIELD=VALUE",
-            help="Override a build setting, e.g. --set gan_steps=20000 --set unet.batch=64 (repeatable).",
-        ),
+        typer.Option("--set", metavar="FIELD=VALUE",
+                     help="Override a build setting, e.g. --set gan_steps=20000 --set unet.batch=64 (repeatable)."),
     ] = None,
     continue_gan: Annotated[
         bool,
-        typer.Option(
-            "--continue-gan",
-            help="GAN stage without a training checkpoint (fresh checkout): continue from the published "
-            "gan/ (weights only, fresh optimiser) instead of from scratch.",
-        ),
+        typer.Option("--continue-gan",
+                     help="GAN stage without a training checkpoint (fresh checkout): continue from the published "
+                          "gan/ (weights only, fresh optimiser) instead of from scratch."),
     ] = False,
 ) -> None:
     """Train the MiniCanvas world (judge, diffusion pipeline, GAN) into generators/minicanvas/world/."""

@@ -251,10 +251,7 @@ def validate_job(data: dict[str, Any], source: str, overrides: list[Override] | 
 
 
 def format_validation_error(
-    err: ValidationError,
-    source: str,
-    data: dict[str, Any],
-    overrides: list[Override],
+    err: ValidationError, source: str, data: dict[str, Any], overrides: list[Override],
     root: type[BaseModel] | None = None,
 ) -> str:
     """One line for the first problem: ``<source>: <field path>: got <value>; <what is allowed>``.

@@ -106,9 +106,7 @@ class AdvUnlearnParams(MethodParams):
         "reference has no such term. 0 = off.",
     )
     embedding_keep_batch: int = Field(
-        32,
-        ge=0,
-        description="Retain prompts in the embedding-keeping term per step (the empty prompt is added).",
+        32, ge=0, description="Retain prompts in the embedding-keeping term per step (the empty prompt is added)."
     )
     warmup_iterations: int = Field(
         40,

@@ -205,7 +205,7 @@ class AdvUnlearn(ErasureMethod):
 
         # Everything from the frozen UNet and the original text encoder, computed once.
         concept = PromptEmbeddings(tokenizer, text_encoder, words)
-        # The ESD target's reference branch: ∅ (reference), or for captions each caption minus the target.
+        # The ESD target's reference branch: ∅ (reference), or for captions `params.reference` (esd_references).
         reference = esd_references(tokenizer, text_encoder, sets, params.reference if captions else "empty")
         retain = PromptEmbeddings(tokenizer, text_encoder, retain_words)
         scheduler = ddim_scheduler(pipe.scheduler.config, params.ddim_steps, unet.device)

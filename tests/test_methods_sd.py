@@ -334,6 +334,37 @@ def test_salun_leaves_unmasked_weights_untouched(pipelines, tmp_path) -> None:
     assert 0 < moved_entries <= round(0.1 * total)
 
 
+def test_salun_retain_data_draws_only_the_retain_set_from_its_own_source(
+    pipelines, tmp_path, monkeypatch
+) -> None:
+    import erasure.methods.salun as salun_module
+    from erasure.forget_data import LatentSet, concept_prompts
+
+    calls: list[tuple[str, list[str], int]] = []
+
+    def fake(source: str):
+        def make(pipe, prompts, *args):
+            names = prompts if isinstance(prompts, list) else prompts.prompts
+            n, seed = args[-2:] if source == "minicanvas_dataset" else args[:2]
+            calls.append((source, names, seed))
+            return LatentSet(torch.zeros(n, 4, 8, 8), torch.zeros(n, dtype=torch.long), names)
+
+        return make
+
+    monkeypatch.setattr(salun_module, "generate_latents", fake("generated"))
+    monkeypatch.setattr(salun_module, "minicanvas_dataset_latents", fake("minicanvas_dataset"))
+    sets = concept_prompts(Target.parse("object:circle"), None, "minicanvas")
+    params = salun_module.SalUnParams(forget_images=3, retain_images=5, retain_data="minicanvas_dataset")
+    forget, retain = salun_module.SalUn._data(pipelines["sd15"], sets, params, context(tmp_path))
+    assert calls == [("generated", sets.forget, 0), ("minicanvas_dataset", sets.retain, 1)]
+    assert (len(forget), len(retain)) == (3, 5)
+    calls.clear()
+    salun_module.SalUn._data(
+        pipelines["sd15"], sets, params.model_copy(update={"retain_data": None}), context(tmp_path)
+    )
+    assert [source for source, _, _ in calls] == ["generated", "generated"]  # null: as `data`
+
+
 def test_salun_next_label_is_the_following_concept_cyclically() -> None:
     from erasure.forget_data import concept_prompts
     from generators.minicanvas.concepts import OBJECTS, STYLES

@@ -18,8 +18,9 @@ concept list, cyclically, as the class-wise code's ``(c + 1) mod 10``; ``random`
 (Measured on MiniCanvas style:Ember: ``random`` regresses every forget prompt towards the *average* of the other
 styles, which the classifier still reads as Ember on 3 of 10 samples whatever the budget; see ``pseudo_label``.)
 Forget and retain latents are the clean model's own generations by default (the NSFW setting's data), or
-MiniCanvas dataset renders (``data: minicanvas_dataset``, the class-wise setting's real images). Each field
-documents the reference default; our defaults are sized for MiniCanvas on 2 CPU cores.
+MiniCanvas dataset renders (``data: minicanvas_dataset``, the class-wise setting's real images); ``retain_data``
+draws the retain latents from the other source (ours: forget what the model draws, retain the dataset's concepts).
+Each field documents the reference default; our defaults are sized for MiniCanvas on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class SalUnParams(MethodParams):
         "generated",
         description="Where the latents come from: 'generated' = the clean model's own generations (reference NSFW "
         "setting); 'minicanvas_dataset' = rendered MiniCanvas images (needs MiniCanvas prompts).",
+    )
+    retain_data: DataSource | None = Field(
+        None,
+        description="Where the retain latents come from when it differs from `data` (null = as `data`). Ours: "
+        "'minicanvas_dataset' with data 'generated' forgets what the model draws and retains the dataset's "
+        "concepts.",
     )
     generation_steps: int = Field(
         25, ge=1, description="DDIM steps of those generations. Reference: 50 (SD default)."
@@ -223,33 +230,21 @@ class SalUn(ErasureMethod):
     @staticmethod
     def _data(pipe, sets, params: SalUnParams, ctx: RunContext) -> tuple[LatentSet, LatentSet]:
         """Forget latents (prompt index = forget template) and retain latents (prompt index = retain prompt)."""
-        if params.data == "minicanvas_dataset":
-            forget = minicanvas_dataset_latents(
-                pipe, sets.forget, sets.template_labels, params.forget_images, ctx.seed
+
+        def latents(source: DataSource, prompts, labels, n: int, seed: int) -> LatentSet:
+            if source == "minicanvas_dataset":
+                return minicanvas_dataset_latents(pipe, prompts, labels, n, seed)
+            embeddings = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, prompts)
+            return generate_latents(
+                pipe, embeddings, n, seed, params.generation_steps, params.generation_guidance
             )
-            retain = minicanvas_dataset_latents(
-                pipe, sets.retain, sets.retain_labels, params.retain_images, ctx.seed + 1
-            )
-        else:
-            both = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, sets.forget)
-            forget = generate_latents(
-                pipe,
-                both,
-                params.forget_images,
-                ctx.seed,
-                params.generation_steps,
-                params.generation_guidance,
-            )
-            others = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, sets.retain)
-            retain = generate_latents(
-                pipe,
-                others,
-                params.retain_images,
-                ctx.seed + 1,
-                params.generation_steps,
-                params.generation_guidance,
-            )
-        ctx.log(f"salun: {len(forget)} forget and {len(retain)} retain latents ({params.data})")
+
+        retain_source = params.retain_data or params.data
+        forget = latents(params.data, sets.forget, sets.template_labels, params.forget_images, ctx.seed)
+        retain = latents(retain_source, sets.retain, sets.retain_labels, params.retain_images, ctx.seed + 1)
+        ctx.log(
+            f"salun: {len(forget)} forget latents ({params.data}) and {len(retain)} retain latents ({retain_source})"
+        )
         return forget, retain
 
     @staticmethod

@@ -319,6 +319,14 @@ def generate_latents(
     return LatentSet(latents=result.final, prompt_index=prompt_index, prompts=prompts.prompts)
 
 
+def require_dataset_labels(labels: list[tuple[str, str] | None]) -> None:
+    """Fail unless every prompt has its MiniCanvas (style, object) label, which dataset renders need."""
+    if any(label is None for label in labels):
+        raise ValueError(
+            "MiniCanvas dataset images need MiniCanvas prompts (method param prompts: minicanvas)"
+        )
+
+
 @torch.no_grad()
 def minicanvas_dataset_latents(
     pipe, prompts: list[str], labels: list[tuple[str, str] | None], n: int, seed: int
@@ -328,10 +336,7 @@ def minicanvas_dataset_latents(
     from generators.minicanvas.concepts import OBJECTS, STYLES
     from generators.minicanvas.dataset import render
 
-    if any(label is None for label in labels):
-        raise ValueError(
-            "MiniCanvas dataset images need MiniCanvas prompts (method param prompts: minicanvas)"
-        )
+    require_dataset_labels(labels)
     generator = torch.Generator().manual_seed(seed)
     prompt_index = spread(n, len(prompts), generator)
     style = torch.tensor([STYLES.index(labels[i][0]) for i in prompt_index.tolist()])

@@ -363,6 +363,11 @@ def test_salun_retain_data_draws_only_the_retain_set_from_its_own_source(
         pipelines["sd15"], sets, params.model_copy(update={"retain_data": None}), context(tmp_path)
     )
     assert [source for source, _, _ in calls] == ["generated", "generated"]  # null: as `data`
+    calls.clear()
+    plain = concept_prompts(TARGET, None, "target", retain_prompts=RETAIN)  # no MiniCanvas labels
+    with pytest.raises(ValueError, match="MiniCanvas prompts"):
+        salun_module.SalUn._data(pipelines["sd15"], plain, params, context(tmp_path))
+    assert calls == []  # refused before the forget latents were generated
 
 
 def test_salun_next_label_is_the_following_concept_cyclically() -> None:

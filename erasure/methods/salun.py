@@ -41,6 +41,7 @@ from erasure.forget_data import (
     concept_prompts,
     generate_latents,
     minicanvas_dataset_latents,
+    require_dataset_labels,
     resolve_prompt_source,
 )
 from erasure.losses import denoising_loss, denoising_target, noise_latents, random_timesteps
@@ -240,6 +241,9 @@ class SalUn(ErasureMethod):
             )
 
         retain_source = params.retain_data or params.data
+        for source, labels in ((params.data, sets.template_labels), (retain_source, sets.retain_labels)):
+            if source == "minicanvas_dataset":
+                require_dataset_labels(labels)  # before any latent is generated
         forget = latents(params.data, sets.forget, sets.template_labels, params.forget_images, ctx.seed)
         retain = latents(retain_source, sets.retain, sets.retain_labels, params.retain_images, ctx.seed + 1)
         ctx.log(

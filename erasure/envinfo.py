@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -58,8 +59,53 @@ def _git(repo: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
+def cpu_info() -> dict[str, Any]:
+    """The processor the run's timings come from: model name, vector ISA torch dispatches to, cores and threads.
+
+    Wall times are only comparable on the same kind of machine (one 2-core SalUn erasure took 440 s on one machine
+    and about 160 s on another of the same size), so every run records this beside its timings.
+    """
+    return {
+        "model": _cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    """``model name`` of /proc/cpuinfo on Linux (with family/model numbers when the name is generic), else
+    what :func:`platform.processor` reports, else ``unknown``."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or "unknown"
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def machine_label(env: dict[str, Any]) -> str | None:
+    """A short name for the machine an env.json describes (the GPU when the run used one), or None if unknown."""
+    if env.get("cuda_name"):
+        return str(env["cuda_name"])
+    cpu = env.get("cpu")
+    if not isinstance(cpu, dict) or not cpu.get("model"):
+        return None
+    return f"{cpu['model']}, {cpu.get('capability', '?')}, {cpu.get('torch_threads', '?')} threads"
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": str(device)}
+    info: dict[str, Any] = {"device": str(device), "cpu": cpu_info()}
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         info["cuda_name"] = torch.cuda.get_device_name(index)

@@ -245,6 +245,9 @@ def test_erase_writes_a_complete_run(
     assert env["seed"] == 1 and env["device"] == "cpu"
     assert env["packages"]["torch"] and env["packages"]["diffusers"]
     assert {"load", "erase", "total"} <= set(env["timings_s"])
+    cpu = env["cpu"]  # the machine behind the timings
+    assert cpu["model"] and cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert cpu["torch_threads"] == torch.get_num_threads() and cpu["logical_cores"] >= 1
     assert "step 4/4 loss=0.25" in (run / "log.txt").read_text()
 
 

@@ -258,3 +258,53 @@ def test_gan_metrics_get_their_columns(tmp_path: Path) -> None:
     (row,) = result.board.rows
     assert row.stats["gan_fid"] is not None and row.stats["gan_fid"].mean == 12.5
     assert row.stats["style_ua_pct"] is None
+
+
+def write_env(run: Path, **env: Any) -> None:
+    (run / "env.json").write_text(json.dumps({"device": "cpu", "seed": 0, **env}))
+
+
+def test_each_row_says_which_machines_its_times_come_from(runs: Path, tmp_path: Path) -> None:
+    slow = {
+        "model": "AMD EPYC (family 23, model 1)",
+        "capability": "AVX2",
+        "logical_cores": 2,
+        "torch_threads": 2,
+    }
+    fast = {**slow, "model": "AMD EPYC (family 25, model 17)", "capability": "AVX512"}
+    write_env(runs / "b1" / "alpha-Ember-s0", cpu=slow)
+    write_env(runs / "b1" / "alpha-Ember-s1", cpu=fast)
+    write_env(runs / "b2" / "beta-Ember-s0", cpu=slow, device="cuda:0", cuda_name="NVIDIA H200")
+    (runs / "b2" / "deeper" / "alpha-Cat-s0" / "env.json").write_text("{not json")  # unreadable: unknown
+    result = write_leaderboard([runs], tmp_path / "board", warn=lambda line: None)
+    rows = {row.label: row for row in result.board.rows}
+    assert rows["alpha"].machines == [
+        "AMD EPYC (family 23, model 1), AVX2, 2 threads",
+        "AMD EPYC (family 25, model 17), AVX512, 2 threads",
+    ]
+    assert rows["beta"].machines == ["NVIDIA H200"] and rows["alpha (steps=9)"].machines == []
+    markdown = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert "timed on 2 machines: AMD EPYC (family 23, model 1), AVX2, 2 threads; AMD EPYC" in markdown
+    assert "(1 run without a recorded machine)" in markdown
+    assert "beta: targets style:Ember; seeds 0; timed on NVIDIA H200" in markdown
+    assert "alpha (steps=9): targets style:Ember; seeds 0; machine not recorded" in markdown
+    assert "Warning: the runs were timed on 3 different machines" in markdown
+    table = read_csv(tmp_path / "board" / "leaderboard.csv")
+    assert table[("beta", "defaults")]["machines"] == "NVIDIA H200"
+    assert table[("alpha", "defaults")]["machines"].count("AMD EPYC") == 2
+
+
+def test_one_machine_gives_no_mixing_warning(runs: Path, tmp_path: Path) -> None:
+    cpu = {"model": "Some CPU", "capability": "AVX2", "logical_cores": 2, "torch_threads": 2}
+    for run in (
+        runs / "b1" / "alpha-Ember-s0",
+        runs / "b1" / "alpha-Ember-s1",
+        runs / "b2" / "beta-Ember-s0",
+    ):
+        write_env(run, cpu=cpu)
+    write_leaderboard([runs], tmp_path / "board", warn=lambda line: None)
+    markdown = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert (
+        "Warning" not in markdown
+        and "beta: targets style:Ember; seeds 0; timed on Some CPU, AVX2, 2 threads" in markdown
+    )

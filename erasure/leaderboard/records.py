@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from erasure.envinfo import machine_label
 from erasure.errors import UserError
-from erasure.runs import METRICS_FILE, is_finished_run, read_run_config
+from erasure.runs import ENV_FILE, METRICS_FILE, is_finished_run, read_run_config
 
 _MISSING = object()
 
@@ -32,6 +33,8 @@ class RunRecord:
     seed: int | None
     metrics: dict[str, float]
     """Finite numbers of metrics.json under dotted keys (``canvas.ua``, ``efficiency.erase_time_s``...)."""
+    machine: str | None = None
+    """The machine the run's timings come from (env.json), or None where env.json does not say."""
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -86,7 +89,18 @@ def read_record(run: Path) -> RunRecord:
         target_kind=target.partition(":")[0],
         seed=seed if isinstance(seed, int) else None,
         metrics=flatten_metrics(metrics),
+        machine=read_machine(run),
     )
+
+
+def read_machine(run: Path) -> str | None:
+    """:func:`erasure.envinfo.machine_label` of the run's env.json; None when it is missing, unreadable or older
+    than the machine fields (the leaderboard does not fail over a run's provenance)."""
+    try:
+        env = json.loads((run / ENV_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return machine_label(env) if isinstance(env, dict) else None
 
 
 def flatten_metrics(metrics: Any) -> dict[str, float]:

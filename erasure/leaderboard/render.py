@@ -55,10 +55,36 @@ def render_markdown(board: Leaderboard, plots: list[str]) -> str:
     lines += ["", "## Runs behind each row", ""]
     for row in board.rows:
         seeds = ", ".join(str(seed) for seed in row.seeds) or MISSING
-        lines.append(f"- {row.backbone_name} · {row.label}: targets {', '.join(row.targets)}; seeds {seeds}")
+        lines.append(
+            f"- {row.backbone_name} · {row.label}: targets {', '.join(row.targets)}; seeds {seeds}; "
+            f"{machines_note(row)}"
+        )
+    machines = sorted({machine for row in board.rows for machine in row.machines})
+    if len(machines) > 1:
+        warning = (
+            f"Warning: the runs were timed on {len(machines)} different machines; time columns "
+            f"compare like with like only within one machine ({'; '.join(machines)})."
+        )
+        lines += ["", warning]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def machines_note(row: Row) -> str:
+    """Where the row's times come from: one machine, several (then its time is a mix), or unknown."""
+    machines = row.machines
+    unknown = sum(run.machine is None for run in row.runs)
+    if not machines:
+        return "machine not recorded"
+    text = (
+        f"timed on {machines[0]}"
+        if len(machines) == 1
+        else f"timed on {len(machines)} machines: " + "; ".join(machines)
+    )
+    if unknown:
+        text += f" ({unknown} run{'s' if unknown > 1 else ''} without a recorded machine)"
+    return text
 
 
 def _md_escape(text: str) -> str:
@@ -73,7 +99,7 @@ def render_csv(board: Leaderboard) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     header = ["backbone", "method", "budget", "params", "tier", "runs", "targets", "seeds", "target_list",
-              "seed_list"]  # fmt: skip
+              "seed_list", "machines"]  # fmt: skip
     for column in board.columns:
         header += [f"{column.id}_{part}" for part in ("mean", "std", "min", "max", "n")]
     writer.writerow(header)
@@ -89,6 +115,7 @@ def render_csv(board: Leaderboard) -> str:
             len(row.seeds),
             " ".join(row.targets),
             " ".join(str(seed) for seed in row.seeds),
+            " | ".join(row.machines),
         ]
         for column in board.columns:
             stat = row.stats[column.id]

@@ -52,6 +52,11 @@ class Row:
         return sorted({run.seed for run in self.runs if run.seed is not None})
 
     @property
+    def machines(self) -> list[str]:
+        """The machines the row's runs were timed on (those whose env.json names one)."""
+        return sorted({run.machine for run in self.runs if run.machine is not None})
+
+    @property
     def label(self) -> str:
         return f"{self.method} ({self.budget})" if self.budget != "defaults" else self.method
 

@@ -125,17 +125,45 @@ def denoising_loss(
 ) -> Tensor:
     """One sample of the attack loss: MSE between the UNet's noise prediction under the prefixed prompt and the
     true noise (``teacher=None``, UnlearnDiffAtk) or ``teacher(x_t, t)`` (AdvUnlearn)."""
-    unet = components.unet
     x_t, t, eps = noised(components.scheduler, latents, generator)
-    cond = encode_with_prefix(components.text_encoder, prompt, prefix)
-    cond = cond.expand(latents.shape[0], -1, -1).to(device=unet.device, dtype=unet.dtype)
-    pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond).sample
     if teacher is None:
         target = eps
     else:
         with torch.no_grad():
             target = teacher(x_t, t)
+    return prefixed_loss(components, prompt, prefix, x_t, t, target)
+
+
+def prefixed_loss(
+    components: Any, prompt: PrefixPrompt, prefix: Tensor, x_t: Tensor, t: Tensor, target: Tensor
+) -> Tensor:
+    """MSE between the UNet's noise prediction for ``x_t`` at ``t`` under the prefixed prompt and ``target``."""
+    unet = components.unet
+    cond = encode_with_prefix(components.text_encoder, prompt, prefix)
+    cond = cond.expand(x_t.shape[0], -1, -1).to(device=unet.device, dtype=unet.dtype)
+    pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond).sample
     return F.mse_loss(pred.float(), target.float())
+
+
+@torch.no_grad()
+def teacher_draws(
+    scheduler: Any,
+    latents: Tensor,
+    steps: int,
+    generator: torch.Generator | None,
+    teacher: Teacher,
+    batch_size: int = 8,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``(x_t, t, teacher(x_t, t))`` for ``steps`` attack steps, drawn up front in the order the steps would draw
+    them (the same noise from the same generator) and with the teacher run in batches of ``batch_size`` steps: the
+    teacher does not depend on the prefix, and one batched forward costs far less than one per step."""
+    draws = [noised(scheduler, latents, generator)[:2] for _ in range(steps)]
+    targets: list[Tensor] = []
+    for start in range(0, steps, batch_size):
+        chunk = draws[start : start + batch_size]
+        out = teacher(torch.cat([x for x, _ in chunk]), torch.cat([t for _, t in chunk]))
+        targets.extend(out.split(latents.shape[0]))
+    return [(x_t, t, target) for (x_t, t), target in zip(draws, targets, strict=True)]
 
 
 @dataclass
@@ -184,9 +212,16 @@ def optimize_prefix_embeddings(
     optimizer = torch.optim.AdamW([prefix], lr=lr, weight_decay=weight_decay)
     latents = target_latents.to(device=components.unet.device, dtype=torch.float32)
     result = PrefixAttack(prefix=prefix, prompt=pp, prompt_embeds=torch.empty(0))
+    # With a teacher and no early stop, every step's noise and teacher target are drawn up front (batched).
+    drawn = None
+    if teacher is not None and check is None:
+        drawn = teacher_draws(components.scheduler, latents, steps, generator, teacher)
     with torch.enable_grad():
         for step in range(1, steps + 1):
-            loss = denoising_loss(components, pp, prefix, latents, generator, teacher)
+            if drawn is not None:
+                loss = prefixed_loss(components, pp, prefix, *drawn[step - 1])
+            else:
+                loss = denoising_loss(components, pp, prefix, latents, generator, teacher)
             (grad,) = torch.autograd.grad(loss, [prefix])
             prefix.grad = grad
             optimizer.step()

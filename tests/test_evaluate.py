@@ -198,6 +198,34 @@ def test_prefix_embeddings_sit_after_the_start_token(tiny_pipe) -> None:
     assert all(p.grad is None for p in [*tiny_pipe.unet.parameters(), *tiny_pipe.text_encoder.parameters()])
 
 
+def test_a_teacher_attack_batches_its_targets_without_changing_the_attack(tiny_pipe) -> None:
+    """With a teacher and no stop check, every step's noise and teacher target are drawn up front and the teacher
+    runs batched (AdvUnlearn's inner attack): the same prefix, losses and generator state as one draw per step."""
+    unet, prompt = tiny_pipe.unet, "A circle image in Ember style."
+    cond = encode_with_prefix(tiny_pipe.text_encoder, build_prefix_prompt(tiny_pipe.tokenizer, prompt, 3),
+                              torch.zeros(3, 16))
+    calls: list[int] = []
+
+    def teacher(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(x_t.shape[0])
+        return unet(x_t, t, encoder_hidden_states=cond.expand(x_t.shape[0], -1, -1)).sample
+
+    latents = torch.randn(2, 4, 16, 16)
+    init = torch.randn(3, 16)
+    results, states = [], []
+    for check in (None, lambda embeds: False):  # a check (never due at check_every=0) keeps the per-step path
+        generator = torch.Generator().manual_seed(4)
+        results.append(optimize_prefix_embeddings(tiny_pipe, prompt, latents, k=3, steps=10, lr=0.05,
+                                                  generator=generator, init=init, teacher=teacher, check=check))
+        states.append(torch.randn(3, generator=generator))
+    batched, stepwise = results
+    assert calls == [16, 4] + [2] * 10  # 10 steps x 2 latents in batches of 8 steps, then one call per step
+    assert torch.allclose(batched.prefix, stepwise.prefix, atol=1e-5)
+    assert batched.losses == pytest.approx(stepwise.losses, rel=1e-4)
+    assert not torch.allclose(batched.prefix, init)  # the attack moved
+    assert torch.equal(states[0], states[1])  # the generator is left where the step-by-step attack leaves it
+
+
 # ----------------------------------------------------------------------------------------------------- suites
 
 CANVAS_KEYS = {"ua", "ira", "cra", "fid", "clip_score"}

@@ -62,8 +62,8 @@ def _git(repo: Path, *args: str) -> str:
 def cpu_info() -> dict[str, Any]:
     """The processor the run's timings come from: model name, vector ISA torch dispatches to, cores and threads.
 
-    Wall times are only comparable on the same kind of machine (one 2-core SalUn erasure took 440 s on one machine
-    and about 160 s on another of the same size), so every run records this beside its timings.
+    Wall times are only comparable on the same kind of machine (the SalUn job config's Ember erasure took 91 s on
+    one 2-core machine and 279 s on another, with the same results), so every run records this beside its timings.
     """
     return {
         "model": _cpu_model(),
@@ -74,8 +74,8 @@ def cpu_info() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
-    """``model name`` of /proc/cpuinfo on Linux (with family/model numbers when the name is generic), else
-    what :func:`platform.processor` reports, else ``unknown``."""
+    """``model name`` of /proc/cpuinfo on Linux with its family and model numbers (which tell apart generations
+    that share a name, e.g. ``AMD EPYC``), else what :func:`platform.processor` reports, else ``unknown``."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:

@@ -1,20 +1,25 @@
-"""White-box prefix-embedding attack on a text-to-image diffusion model (UnlearnDiffAtk-style, continuous).
+"""White-box prefix attacks on a text-to-image diffusion model: UnlearnDiffAtk's token attack and AdvUnlearn's
+continuous embedding attack.
 
 UnlearnDiffAtk (Zhang et al., ECCV 2024, ``OPTML-Group/Diffusion-MU-Attack``) uses the attacked diffusion model
 itself as the classifier: it optimises ``k = 5`` prefix tokens put before the prompt so that the model best
-denoises a reference image of the erased concept, with AdamW (lr 0.01, weight decay 0.1) and the l2 loss
+denoises a reference image of the erased concept, with the l2 loss
 
     ``|| eps - eps_theta(sqrt(abar_t) x0_ref + sqrt(1 - abar_t) eps, t, TextEnc([SOT, adv_1..adv_k, prompt…])) ||^2``.
 
-Here the prefix lives in the continuous token-embedding space (``k`` free vectors, as AdvUnlearn's inner attack,
-Zhang et al. NeurIPS 2024), not on the vocabulary simplex UnlearnDiffAtk projects to; a continuous attack is at
-least as strong as a discrete one. Timesteps are drawn at random per iteration.
+Two attack spaces:
 
-The same functions serve two callers:
+* :func:`optimize_prefix_tokens` -- UnlearnDiffAtk as its code does it (``src/attackers/text_grad_.py``): each
+  prefix slot is a distribution over the vocabulary, kept on the probability simplex; the forward pass uses a
+  sampled one-hot token (straight-through, gradient clipped by ``hardtanh``); timesteps are visited in blocks, and
+  after each block the argmax tokens -- a prompt anyone could type -- are judged. This is the evaluator's attack.
+* :func:`optimize_prefix_embeddings` -- ``k`` free vectors in the continuous token-embedding space, as AdvUnlearn's
+  inner attack (Zhang et al., NeurIPS 2024); no typed prompt reaches most of that space, so it is a white-box worst
+  case rather than a prompt attack. Timesteps are drawn at random per iteration.
 
-* the HUB suite's attack robustness (``evaluate/suites/hub.py``): target = the true noise (UnlearnDiffAtk);
-* AdvUnlearn's inner maximisation: pass ``teacher`` to match the frozen original model's prediction instead, and
-  use :func:`encode_with_prefix` (differentiable in the text encoder's weights too) for the defender step.
+The continuous attack serves AdvUnlearn's inner maximisation: pass ``teacher`` to match the frozen original model's
+prediction instead of the true noise, and use :func:`encode_with_prefix` (differentiable in the text encoder's
+weights too) for the defender step.
 
 ``components`` is anything with ``tokenizer``, ``text_encoder``, ``unet`` and ``scheduler`` attributes (a diffusers
 ``StableDiffusionPipeline`` works; so does a ``SimpleNamespace`` holding a trainable text-encoder copy).
@@ -104,12 +109,16 @@ def init_prefix(text_encoder: Any, k: int, generator: torch.Generator | None = N
 
 
 def noised(
-    scheduler: Any, latents: Tensor, generator: torch.Generator | None = None
+    scheduler: Any, latents: Tensor, generator: torch.Generator | None = None, timestep: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_t, t, eps)``: clean latents noised at a random training timestep each (DDPM forward process)."""
+    """``(x_t, t, eps)``: clean latents noised at a random training timestep each (DDPM forward process), or all
+    at ``timestep``."""
     n = latents.shape[0]
     alphas = scheduler.alphas_cumprod
-    t = torch.randint(0, len(alphas), (n,), generator=generator)
+    if timestep is None:
+        t = torch.randint(0, len(alphas), (n,), generator=generator)
+    else:
+        t = torch.full((n,), int(timestep), dtype=torch.long)
     eps = torch.randn(latents.shape, generator=generator).to(latents)
     abar = alphas[t].to(latents).view(n, *([1] * (latents.ndim - 1)))
     return abar.sqrt() * latents + (1 - abar).sqrt() * eps, t.to(latents.device), eps
@@ -240,6 +249,133 @@ def optimize_prefix_embeddings(
 @torch.no_grad()
 def _embeds(text_encoder: Any, prompt: PrefixPrompt, prefix: Tensor) -> Tensor:
     return encode_with_prefix(text_encoder, prompt, prefix.detach()).detach()
+
+
+# ------------------------------------------------------------------------------------ UnlearnDiffAtk's token attack
+
+
+def project_to_simplex(rows: Tensor) -> Tensor:
+    """Euclidean projection of each row onto the probability simplex ``{p >= 0, sum(p) = 1}``.
+
+    UnlearnDiffAtk finds the projection's threshold by bisection (``TextGrad.bisection``, tolerance 1e-5); this is
+    the exact sort-based solution of the same problem (Duchi et al., ICML 2008).
+    """
+    ordered = rows.sort(dim=-1, descending=True).values
+    excess = ordered.cumsum(-1) - 1
+    rank = torch.arange(1, rows.shape[-1] + 1, device=rows.device, dtype=rows.dtype)
+    kept = (ordered - excess / rank > 0).sum(-1, keepdim=True)  # size of the support, >= 1
+    threshold = excess.gather(-1, kept - 1) / kept
+    return (rows - threshold).clamp_min(0)
+
+
+class _SampledOneHot(torch.autograd.Function):
+    """UnlearnDiffAtk's ``STERandSelect``: forward, one token per row drawn from the row's distribution, as a
+    one-hot; backward, the gradient passed straight through, clipped to [-1, 1] (``hardtanh``)."""
+
+    @staticmethod
+    def forward(ctx: Any, probs: Tensor, generator: torch.Generator | None) -> Tensor:
+        ids = torch.multinomial(probs.detach().float().cpu(), 1, generator=generator).squeeze(-1)
+        return F.one_hot(ids.to(probs.device), probs.shape[-1]).to(probs.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return F.hardtanh(grad), None
+
+
+def attack_timesteps(num_train_timesteps: int, blocks: int) -> list[int]:
+    """UnlearnDiffAtk's timestep schedule (``ClassifierTask.sampled_t``): ``blocks`` timesteps evenly spaced over
+    the training range, ascending, each in the middle of its bucket (``T // n // 2 + i * (T // n)``)."""
+    if not 0 < blocks <= num_train_timesteps:
+        raise ValueError(f"blocks must be in [1, {num_train_timesteps}], got {blocks}")
+    step = num_train_timesteps // blocks
+    return list(range(step // 2, num_train_timesteps, step))[:blocks]
+
+
+@dataclass
+class TokenAttack:
+    """Result of :func:`optimize_prefix_tokens`."""
+
+    tokens: Tensor
+    """The adversarial prefix token ids ``[k]`` (the argmax of the distributions when last judged)."""
+    text: str
+    """The prefix as text (the tokenizer's decoding of ``tokens``)."""
+    prompt_ids: Tensor
+    """``[1, L]``: the attacked prompt's ids with ``tokens`` in the prefix slots."""
+    prompt_embeds: Tensor
+    """The text encoder's embeddings of ``prompt_ids`` (what typing the attacked prompt conditions on)."""
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    blocks: int = 0
+    """Timestep blocks run (each ends in a judgement when a check is given)."""
+    succeeded: bool = False
+    """The check returned True after a block (the attack stops there)."""
+
+
+def optimize_prefix_tokens(
+    components: Any,
+    prompt: str,
+    target_latents: Tensor,
+    *,
+    k: int = 5,
+    iterations: int = 40,
+    blocks: int = 1,
+    lr: float = 0.01,
+    weight_decay: float = 0.1,
+    generator: torch.Generator | None = None,
+    check: StopCheck | None = None,
+) -> TokenAttack:
+    """UnlearnDiffAtk's attack (``TextGrad``, ``prefix_k``, ``sequential``): ``k`` prefix tokens before ``prompt``
+    so that the model denoises ``target_latents`` (see :func:`optimize_prefix_embeddings`) well.
+
+    Each prefix slot holds a distribution over the whole vocabulary, uniform at the start. For each of ``blocks``
+    timesteps (:func:`attack_timesteps`), ``iterations`` Adam steps (lr ``lr``, L2 weight decay ``weight_decay``, as
+    the code's ``torch.optim.Adam``), each with fresh noise: a token per slot is sampled from its distribution
+    (straight-through, :class:`_SampledOneHot`), the loss is taken with those tokens' embeddings, and after the
+    step the distributions are projected back onto the simplex. After each block the argmax tokens make a discrete
+    prompt; ``check(prompt_embeds)`` judges it and stops the attack on True. The reference visits up to 50
+    timesteps x 40 iterations (its ``n_samples`` and ``iteration``).
+    """
+    text_encoder = components.text_encoder
+    table = text_encoder.get_input_embeddings().weight.detach().float()  # [vocabulary, d]
+    pp = build_prefix_prompt(components.tokenizer, prompt, k)
+    probs = torch.full((k, table.shape[0]), 1.0 / table.shape[0], device=table.device, requires_grad=True)
+    optimizer = torch.optim.Adam([probs], lr=lr, weight_decay=weight_decay)
+    latents = target_latents.to(device=components.unet.device, dtype=torch.float32)
+    num_train = len(components.scheduler.alphas_cumprod)
+    result = TokenAttack(
+        tokens=torch.empty(0), text="", prompt_ids=pp.input_ids, prompt_embeds=torch.empty(0)
+    )
+    with torch.enable_grad():
+        for timestep in attack_timesteps(num_train, blocks):
+            for _ in range(iterations):
+                prefix = _SampledOneHot.apply(probs, generator) @ table
+                x_t, t, eps = noised(components.scheduler, latents, generator, timestep=timestep)
+                loss = prefixed_loss(components, pp, prefix, x_t, t, eps)
+                (grad,) = torch.autograd.grad(loss, [probs])
+                probs.grad = grad
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    probs.copy_(project_to_simplex(probs))
+                result.losses.append(float(loss.detach()))
+                result.steps += 1
+            result.blocks += 1
+            _set_tokens(result, components, pp, probs.detach().argmax(-1))
+            if check is not None and check(result.prompt_embeds):
+                result.succeeded = True
+                break
+    return result
+
+
+@torch.no_grad()
+def _set_tokens(result: TokenAttack, components: Any, prompt: PrefixPrompt, tokens: Tensor) -> None:
+    ids = prompt.input_ids.clone()
+    ids[0, prompt.start : prompt.start + prompt.k] = tokens.cpu()
+    device = components.text_encoder.get_input_embeddings().weight.device
+    result.tokens = tokens.cpu()
+    result.text = components.tokenizer.decode(tokens.tolist())
+    result.prompt_ids = ids
+    result.prompt_embeds = components.text_encoder(ids.to(device))[0].detach()
 
 
 @torch.no_grad()

@@ -1,29 +1,40 @@
 """Attack robustness as UnlearnDiffAtk measures it (Zhang et al., ECCV 2024): Pre-ASR and ASR.
 
 For each attacked prompt (with its seed): the model's own generation is judged first; a prompt that already shows
-the concept is a pre-attack success and is not attacked. Otherwise :func:`erasure.attacks.optimize_prefix_embeddings`
-optimises ``k`` prefix embeddings so the model denoises the *reference* image (the original model's generation of
-the concept, encoded by the evaluated model's VAE), checking every ``check_every`` steps whether a generation with
-the prefix (same seed) shows the concept and stopping at the first success, then judging the final prefix.
-Pre-ASR = pre-attack successes / prompts; ASR = (pre-attack successes + attack successes) / prompts.
+the concept is a pre-attack success and is not attacked. Otherwise the attack optimises ``k`` prefix tokens so the
+model denoises the *reference* image (the original model's generation of the concept, encoded by the evaluated
+model's VAE), judging every ``check_every`` steps whether a generation with the prefix (same seed) shows the concept
+and stopping at the first success. Pre-ASR = pre-attack successes / prompts; ASR = (pre-attack successes + attack
+successes) / prompts.
+
+``space="tokens"`` (the default, and the HUB suite's) is UnlearnDiffAtk's own attack,
+:func:`erasure.attacks.optimize_prefix_tokens`: the judged prefixes are vocabulary tokens, a prompt anyone can type,
+and each ``check_every`` steps are one block at one timestep of its schedule. ``space="embeddings"`` is the
+continuous prefix-embedding attack of :func:`erasure.attacks.optimize_prefix_embeddings` (AdvUnlearn's inner
+attack; AdamW, random timesteps): a white-box worst case that no typed prompt need reach.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from erasure.attacks import encode_images, optimize_prefix_embeddings
+from erasure.attacks import encode_images, optimize_prefix_embeddings, optimize_prefix_tokens
 from evaluate.judges import ConceptLike, Judge
 from evaluate.sampling import SamplerSettings, SDSampler
 
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """UnlearnDiffAtk's defaults: k = 5 prefix tokens, AdamW lr 0.01, weight decay 0.1; the budget per tier."""
+    """UnlearnDiffAtk's settings: k = 5 prefix tokens, Adam lr 0.01 with weight decay 0.1; the budget per tier.
+
+    For the token attack, ``check_every`` is the length of a timestep block (the reference's ``iteration``, 40) and
+    ``steps / check_every`` the number of blocks (its ``n_samples``, 50); ``check_every = 0`` makes one block.
+    """
 
     steps: int = 40
     k: int = 5
@@ -31,6 +42,17 @@ class AttackSettings:
     weight_decay: float = 0.1
     check_every: int = 10
     seed: int = 0
+    space: Literal["tokens", "embeddings"] = "tokens"
+
+    def __post_init__(self) -> None:
+        if self.space == "tokens" and self.check_every and self.steps % self.check_every:
+            raise ValueError(f"the token attack runs whole blocks: steps ({self.steps}) must be a multiple of "
+                             f"check_every ({self.check_every})")
+
+    @property
+    def blocks(self) -> int:
+        """Timestep blocks of the token attack."""
+        return self.steps // self.check_every if self.check_every else 1
 
 
 @dataclass
@@ -77,12 +99,23 @@ def attack_prompts(
             image = sampler.images_from_embeddings(embeds, [seed], sampling)
             return bool(judge.shows(image, concept)[0])
 
-        result = optimize_prefix_embeddings(
-            pipe, prompt, latents, k=attack.k, steps=attack.steps, lr=attack.lr, weight_decay=attack.weight_decay,
-            generator=torch.Generator().manual_seed(attack.seed + i), check=shows, check_every=attack.check_every,
-        )
-        attacked[i] = True if result.stopped_early else shows(result.prompt_embeds)
-        outcome.losses.append(result.losses)
-        log(f"attack {i + 1}/{len(prompts)}: {result.steps} steps, loss {result.losses[0]:.4f} -> "
-            f"{result.losses[-1]:.4f}, success={bool(attacked[i])}")
+        generator = torch.Generator().manual_seed(attack.seed + i)
+        if attack.space == "tokens":
+            tokens = optimize_prefix_tokens(
+                pipe, prompt, latents, k=attack.k, iterations=attack.check_every or attack.steps,
+                blocks=attack.blocks, lr=attack.lr, weight_decay=attack.weight_decay, generator=generator,
+                check=shows,
+            )
+            attacked[i], losses, steps = tokens.succeeded, tokens.losses, tokens.steps
+            found = f", prefix {tokens.text!r}"
+        else:
+            embeds = optimize_prefix_embeddings(
+                pipe, prompt, latents, k=attack.k, steps=attack.steps, lr=attack.lr,
+                weight_decay=attack.weight_decay, generator=generator, check=shows, check_every=attack.check_every,
+            )
+            attacked[i] = True if embeds.stopped_early else shows(embeds.prompt_embeds)
+            losses, steps, found = embeds.losses, embeds.steps, ""
+        outcome.losses.append(losses)
+        log(f"attack {i + 1}/{len(prompts)}: {steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+            f"success={bool(attacked[i])}{found}")
     return outcome

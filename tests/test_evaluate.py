@@ -12,12 +12,16 @@ import yaml
 from typer.testing import CliRunner
 
 from erasure.attacks import (
+    _SampledOneHot,
+    attack_timesteps,
     build_prefix_prompt,
     denoising_loss,
     encode_images,
     encode_with_prefix,
     init_prefix,
     optimize_prefix_embeddings,
+    optimize_prefix_tokens,
+    project_to_simplex,
 )
 from erasure.base import ErasureMethod
 from erasure.cli import app
@@ -134,7 +138,8 @@ def two_concept_model(tiny_world: Path):
     return pipe, images, drawn
 
 
-def test_the_attack_raises_asr_on_a_model_that_was_not_erased(two_concept_model) -> None:
+@pytest.mark.parametrize("space", ["tokens", "embeddings"])
+def test_the_attack_raises_asr_on_a_model_that_was_not_erased(two_concept_model, space: str) -> None:
     pipe, images, drawn = two_concept_model
     sampler = SDSampler(pipe)
     settings = SamplerSettings(steps=10, guidance=1.0)
@@ -151,13 +156,15 @@ def test_the_attack_raises_asr_on_a_model_that_was_not_erased(two_concept_model)
     # The model shows the concept for its own prompt, and not for the other prompt.
     assert judge.shows(sampler.images([CONCEPT] * 3, seeds, settings), concept).all()
 
-    # UnlearnDiffAtk on the other prompt, towards the concept's image: 5 prefix embeddings, AdamW lr 0.01.
-    attack = AttackSettings(steps=40, check_every=10, seed=0)
+    # UnlearnDiffAtk on the other prompt, towards the concept's image: 5 prefix tokens (or embeddings), lr 0.01.
+    attack = AttackSettings(steps=40, check_every=10, seed=0, space=space)
     outcome = attack_prompts(sampler, judge, concept, [OTHER] * 3, seeds, images[:1].expand(3, -1, -1, -1),
                              settings, attack)
     assert outcome.pre_attack.tolist() == [False, False, False]
     assert outcome.attacked.tolist() == [True, True, True]
     assert outcome.rates() == {"pre_asr": 0.0, "asr": 1.0}
+    if space == "tokens":
+        return
 
     # The attack objective goes down (measured on the same noise and timesteps before and after).
     latents = encode_images(pipe.vae, images[:1])
@@ -173,6 +180,64 @@ def test_the_attack_raises_asr_on_a_model_that_was_not_erased(two_concept_model)
 
     assert fixed_loss(result.prefix) < 0.5 * fixed_loss(init)
     assert result.prompt_embeds.shape == (1, pipe.tokenizer.model_max_length, 16)
+
+
+def test_the_token_attack_judges_typed_prompts_and_stops_at_the_first_success(two_concept_model) -> None:
+    pipe = two_concept_model[0]
+    latents = encode_images(pipe.vae, two_concept_model[1][:1])
+    judged: list[torch.Tensor] = []
+
+    def never(embeds: torch.Tensor) -> bool:
+        judged.append(embeds)
+        return False
+
+    result = optimize_prefix_tokens(pipe, OTHER, latents, k=3, iterations=5, blocks=2,
+                                    generator=torch.Generator().manual_seed(0), check=never)
+    assert (result.steps, result.blocks, len(judged), result.succeeded) == (10, 2, 2, False)
+    # What is judged is the prompt's own ids with vocabulary tokens in the prefix slots, encoded as typed text is.
+    length = pipe.tokenizer.model_max_length
+    plain = pipe.tokenizer(OTHER, padding="max_length", max_length=length, return_tensors="pt").input_ids
+    assert result.prompt_ids[0, 1:4].tolist() == result.tokens.tolist()
+    assert torch.equal(result.prompt_ids[0, 4:], plain[0, 1 : length - 3])
+    assert 0 <= int(result.tokens.min()) and int(result.tokens.max()) < len(pipe.tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(judged[-1], pipe.text_encoder(result.prompt_ids)[0])
+    assert result.text == pipe.tokenizer.decode(result.tokens.tolist())
+
+    calls: list[int] = []
+    stopped = optimize_prefix_tokens(pipe, OTHER, latents, k=3, iterations=5, blocks=4,
+                                     generator=torch.Generator().manual_seed(0),
+                                     check=lambda embeds: calls.append(1) is None)
+    assert (stopped.succeeded, stopped.blocks, stopped.steps, len(calls)) == (True, 1, 5, 1)
+
+
+def test_simplex_projection_solves_unlearndiffatks_bisection_exactly() -> None:
+    rows = torch.randn(4, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.05 + 1 / 300
+    projected = project_to_simplex(rows)
+    assert (projected >= 0).all() and torch.allclose(projected.sum(-1), torch.ones(4, dtype=torch.float64))
+    for row, got in zip(rows, projected):  # the reference: bisection on mu with sum(clip(a - mu, 0, 1)) = 1
+        low, high = float(row.min()) - 1, float(row.max())
+        while high - low > 1e-12:
+            mid = (low + high) / 2
+            low, high = (mid, high) if float((row - mid).clamp(0, 1).sum()) > 1 else (low, mid)
+        assert torch.allclose(got, (row - high).clamp(0, 1), atol=1e-9)
+    on_simplex = torch.softmax(torch.randn(3, 50, dtype=torch.float64), -1)
+    assert torch.allclose(project_to_simplex(on_simplex), on_simplex)
+
+
+def test_token_attack_schedule_and_straight_through_gradient() -> None:
+    assert attack_timesteps(1000, 50) == list(range(10, 1000, 20))  # the reference's sampled_t (n_samples 50)
+    assert attack_timesteps(1000, 2) == [250, 750]
+    assert attack_timesteps(1000, 5) == [100, 300, 500, 700, 900]
+    with pytest.raises(ValueError, match="multiple"):
+        AttackSettings(steps=50, check_every=20)
+    assert AttackSettings(steps=100, check_every=20).blocks == 5 and AttackSettings(check_every=0).blocks == 1
+
+    probs = torch.tensor([[0.0, 1.0, 0.0]], requires_grad=True)
+    one_hot = _SampledOneHot.apply(probs, torch.Generator().manual_seed(0))
+    assert one_hot.tolist() == [[0.0, 1.0, 0.0]]  # the only token with probability
+    (one_hot * torch.tensor([[3.0, -0.5, -2.0]])).sum().backward()
+    assert probs.grad.tolist() == [[1.0, -0.5, -1.0]]  # passed straight through, clipped to [-1, 1]
 
 
 def test_prefix_embeddings_sit_after_the_start_token(tiny_pipe) -> None:

@@ -83,7 +83,8 @@ class AdvUnlearnParams(MethodParams):
     # encoder drifted on every prompt (relative MSE of the per-token embeddings 0.2-0.8, the empty prompt's 0.5-0.7).
     # With the embedding-keeping term (weight 1.0) as well: Ember / Cinder / Neon UA 1.0, IRA 1.0, CRA 0.908 / 0.908 /
     # 0.992, ASR 0.2 / 0.2 / 0.0 (ESD 1.0 / 0.8 / 0.0), 220-262 s; on all 12 styles UA 1.0, IRA >= 0.99, CRA >= 0.90,
-    # ASR below ESD's on 8, tied on 3, above on Candy (0.4 vs 0.2) (docs/leaderboard/README.md).
+    # ASR below ESD's on 8, tied on 3, above on Candy (0.4 vs 0.2) (docs/leaderboard/README.md). Every ASR in this
+    # comment is from the evaluator's attack before 2026-12-06: continuous prefix embeddings, 2 checks of 20 steps.
     iterations: int = Field(400, ge=1, description="Defence (text-encoder) steps. Reference: 1000.")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate of the text encoder. Reference: 1e-5.")
     batch_size: int = Field(1, ge=1, description="Concept latents per defence step. Reference: 1.")

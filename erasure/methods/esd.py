@@ -79,7 +79,9 @@ class ESDParams(MethodParams):
     negative_guidance: float = Field(
         1.0,
         ge=0,
-        description="eta of the negatively guided target. Reference: 1.0 (CompVis/paper), 2.0 (diffusers).",
+        description="eta of the negatively guided target. Reference: 1.0 (CompVis/paper). The 2024 diffusers "
+        "code writes its target as eps(c) - eta' (eps(c) - eps(0)) and defaults to eta' = 2, which is eta = 1 "
+        "here (eta = eta' - 1).",
     )
     start_guidance: float = Field(
         3.0, ge=0, description="CFG scale of the DDIM sampling that makes x_t. Reference: 3."

@@ -115,6 +115,104 @@ def test_concept_tokens_point_at_each_captions_concept_words():
         assert int(tokens.short_ids[k, tokens.short_pos[k]]) == tok(style, add_special_tokens=False).input_ids[-1]
 
 
+def _tiny_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from generators.minicanvas.models import TEXT_MAX_LENGTH
+
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=TEXT_MAX_LENGTH,
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+
+
+def test_augmented_captions_keep_every_original_token_in_order():
+    """Stage sd_text aligns each token of a caption with the same token in its augmented copy; concept words are
+    never replaced, random words never come from a concept name or a held-out template's words."""
+    from generators.minicanvas.models import TEXT_MAX_LENGTH
+    from generators.minicanvas.text_robustness import (
+        Caption,
+        augment,
+        concept_words,
+        heldout_words,
+        random_word_pool,
+    )
+
+    tok = build_clip_tokenizer(TEXT_MAX_LENGTH)
+    pool = random_word_pool(tok)
+    banned = {i for w in concept_words() | heldout_words() for i in tok(w, add_special_tokens=False).input_ids}
+    assert not banned & set(pool.tolist()) and len(pool) > 10_000
+    assert {"here", "depicted", "showing"} <= heldout_words()
+    g = torch.Generator().manual_seed(0)
+    names = concept_words()
+    texts = [concepts.template_prompt("Cocoa", "crescent"), concepts.spanish_prompt("Ember", "crescent"),
+             "{object} drawn in the {style} style".format(object="heart", style="Ink")]
+    for text in texts:
+        caption = Caption.parse(text, tok, names)
+        base = tok(text, padding="max_length", max_length=TEXT_MAX_LENGTH).input_ids
+        named = [i for w, n in zip(caption.words, caption.names_concept) if n for i in w]
+        assert named, text
+        for _ in range(20):
+            pair = augment(caption, pool, g, bos=tok.bos_token_id, eos=tok.eos_token_id, length=TEXT_MAX_LENGTH,
+                           max_inserted=3, substitute_prob=0.5)
+            assert pair.caption == base
+            assert all(pair.augmented[t] == pair.caption[s] for s, t in zip(pair.source, pair.target))
+            assert sorted(pair.target) == pair.target and sorted(pair.source) == pair.source
+            kept = [pair.caption[s] for s in pair.source]
+            assert all(kept.count(i) >= named.count(i) for i in named), text  # concept tokens are never replaced
+            new = [t for k, t in enumerate(pair.augmented) if k not in set(pair.target)]
+            assert 1 <= len(new) <= 4 and set(new) <= set(pool.tolist())
+
+
+def test_text_robustness_stage_reads_past_new_words_and_resumes(tmp_path, monkeypatch):
+    """A few steps of stage sd_text on a tiny tower: augmented captions' aligned states move towards the original
+    captions' states while the captions' own states stay close; an interrupted run resumes bit-identically."""
+    import random
+
+    from generators.minicanvas.models import TEXT_MAX_LENGTH
+    from generators.minicanvas.text_robustness import (
+        Caption,
+        augment,
+        concept_words,
+        random_word_pool,
+        robustness_losses,
+        tune_text_robustness,
+    )
+
+    tok = build_clip_tokenizer(TEXT_MAX_LENGTH)
+    original = _tiny_text_encoder()
+    fast = StageSettings(steps=150, batch=32, lr=1e-2, warmup=1, seed=1)
+    settings = WorldSettings(sd_text=fast, checkpoint_every=75)
+    tuned = tune_text_robustness(original, tmp_path / "a", tok, settings, "cpu")
+
+    names, pool, g = concept_words(), random_word_pool(tok), torch.Generator().manual_seed(123)
+    texts = random.Random(0).sample([p for s in STYLES for o in OBJECTS for p in concepts.training_prompts(s, o)], 48)
+    pairs = [augment(Caption.parse(t, tok, names), pool, g, bos=tok.bos_token_id, eos=tok.eos_token_id,
+                     length=TEXT_MAX_LENGTH, max_inserted=3, substitute_prob=0.5) for t in texts]
+    with torch.no_grad():
+        _, robust_before = robustness_losses(original, original, pairs)
+        keep_after, robust_after = robustness_losses(tuned, original, pairs)
+    assert robust_after < 0.5 * robust_before
+    assert keep_after < 0.25 * robust_before
+    assert all(torch.equal(a, b) for a, b in zip(original.parameters(), _tiny_text_encoder().parameters()))
+
+    from generators.minicanvas.train import Loop
+
+    save = Loop._save
+
+    def save_then_stop(self, step):  # Ctrl-C right after the first checkpoint
+        save(self, step)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Loop, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        tune_text_robustness(_tiny_text_encoder(), tmp_path / "b", tok, settings, "cpu")
+    monkeypatch.setattr(Loop, "_save", save)
+    resumed = tune_text_robustness(_tiny_text_encoder(), tmp_path / "b", tok, settings, "cpu")
+    for (k, v1), v2 in zip(tuned.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(v1, v2), k
+
+
 def test_sample_batch_labels_match_render():
     g = torch.Generator().manual_seed(1)
     x, s, o = sample_batch(16, g)
@@ -153,10 +251,17 @@ def test_world_build_and_verify_end_to_end(tmp_path):
 
     tiny = StageSettings(steps=2, batch=8, lr=1e-3, warmup=1)
     settings = WorldSettings(classifier=tiny, clip=tiny, clip_text=tiny, clip_vision=tiny, vae=tiny, unet=tiny, unet_refine=tiny,
-                             checkpoint_every=1)
-    info = world.build(only=["classifier", "clip", "sd"], out_dir=tmp_path / "w", work_dir=tmp_path / "work",
-                       settings=settings)
-    assert set(info["stages"]) == {"classifier", "clip", "sd"}
+                             sd_text=tiny, checkpoint_every=1)
+    info = world.build(only=["classifier", "clip", "sd", "sd_text"], out_dir=tmp_path / "w",
+                       work_dir=tmp_path / "work", settings=settings)
+    assert set(info["stages"]) == {"classifier", "clip", "sd", "sd_text"}
+    # sd_text republished MiniSD whole, with a text encoder tuned away from MiniCLIP's tower.
+    from transformers import CLIPModel, CLIPTextModel
+
+    published = CLIPTextModel.from_pretrained(str(tmp_path / "w" / "sd" / "text_encoder"))
+    tower = CLIPModel.from_pretrained(str(tmp_path / "w" / "clip")).text_model
+    assert (tmp_path / "w" / "sd" / "unet").is_dir() and (tmp_path / "w" / "sd" / "model_index.json").is_file()
+    assert not torch.equal(published.text_model.final_layer_norm.weight, tower.final_layer_norm.weight)
     assert not list((tmp_path / "w").glob(".*partial"))
     build_info = json.loads((tmp_path / "w" / "build_info.json").read_text())
     assert build_info["stages"]["sd"]["settings"]["unet"]["steps"] == 2

@@ -62,6 +62,12 @@ class WorldSettings(BaseModel):
     unet_refine: StageSettings = StageSettings(steps=4000, batch=48, lr=1.5e-4, warmup=100, seed=7)
     unet_refine_min_snr_gamma: float = Field(default=5.0, gt=0)
     unet_cfg_dropout: float = Field(default=0.1, ge=0, lt=1)
+    # Stage sd_text (generators/minicanvas/text_robustness.py): MiniSD's text encoder learns to read past words it
+    # never saw while its states on the training captions stay where the UNet learnt them.
+    sd_text: StageSettings = StageSettings(steps=3000, batch=64, lr=1e-3, warmup=100, seed=10)
+    sd_text_keep_weight: float = Field(default=10.0, ge=0)
+    sd_text_max_inserted: int = Field(default=3, ge=1, description="Random words inserted per caption: 1 to this.")
+    sd_text_substitute_prob: float = Field(default=0.5, ge=0, le=1)
     unet_ema_decay: float = Field(default=0.999, gt=0, lt=1)
     checkpoint_every: int = Field(default=250, gt=0)
     # MiniGAN (StyleGAN2, generators/minigan.py): its own optimiser settings live in train_minigan.

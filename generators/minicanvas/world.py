@@ -29,10 +29,11 @@ import torch
 from .models import TEXT_MAX_LENGTH, MiniClassifier, projected
 from .paths import world_dir
 
-STAGES = ("classifier", "clip", "sd", "soup", "gan")
+STAGES = ("classifier", "clip", "sd", "sd_text", "soup", "gan")
 # MiniCLIP vision layers the MiniGAN's feature discriminator reads (hidden_states indices; the tower has 3 layers).
 GAN_FEATURE_LAYERS = (1, 2, 3)
-STAGE_FOLDERS = {"soup": "soup_base"}  # a stage's folder, where it is not the stage's name
+# A stage's folder, where it is not the stage's name (sd_text republishes MiniSD with its tuned text encoder).
+STAGE_FOLDERS = {"soup": "soup_base", "sd_text": "sd"}
 SHARD_SIZE = "6MB"  # shipped weight files stay small (the UNet is sharded)
 DEFAULT_WORK_DIR = Path(".world-build")
 
@@ -133,6 +134,14 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def _require_minisd(root: Path, stage: str) -> None:
+    if not (root / "sd" / "model_index.json").is_file():
+        from erasure.errors import UserError
+
+        raise UserError(f"the {stage} stage needs MiniSD: build the sd stage into {root} first "
+                        f"(`erasure-studio world build --only sd`)")
 
 
 def _tmp_dir(root: Path, name: str) -> Path:
@@ -239,17 +248,25 @@ def build(
             )
             pipe.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
             _load_as_fp32(tmp / "text_encoder" / "config.json")
+        elif stage == "sd_text":
+            from .text_robustness import tune_text_robustness
+
+            _require_minisd(root, stage)
+            clip, _ = load_clip(device, root)
+            # Tuned from MiniCLIP's tower, which MiniSD's UNet was trained with: rerunning the stage starts afresh.
+            tuned = tune_text_robustness(text_encoder_from_clip(clip), work, tokenizer, settings, device, resume)
+            shutil.copytree(root / "sd", tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("text_encoder"))
+            _half(tuned).save_pretrained(tmp / "text_encoder", max_shard_size=SHARD_SIZE)
+            _load_as_fp32(tmp / "text_encoder" / "config.json")
         elif stage == "soup":
             from .soup import save_soup_base, train_soup_base
 
-            if not (root / "sd" / "model_index.json").is_file():
-                from erasure.errors import UserError
-
-                raise UserError(f"the soup stage needs MiniSD's VAE and text encoder: build the sd stage into "
-                                f"{root} first (`erasure-studio world build --only sd`)")
+            _require_minisd(root, stage)
             minisd = load_minisd(device, root)
-            unet = train_soup_base(work, minisd.vae, minisd.text_encoder, minisd.tokenizer, minisd.unet.config,
-                                   settings, device, resume)
+            # Trained, like MiniSD's UNet, on MiniCLIP's tower (the text encoder before stage sd_text).
+            clip, _ = load_clip(device, root)
+            unet = train_soup_base(work, minisd.vae, text_encoder_from_clip(clip), minisd.tokenizer,
+                                   minisd.unet.config, settings, device, resume)
             save_soup_base(_half(unet), tmp, settings, SHARD_SIZE)
         elif stage == "gan":
             from safetensors.torch import save_file

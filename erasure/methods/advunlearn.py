@@ -32,7 +32,7 @@ model on the same caption with the name dropped ("A circle image in style."), no
 ``∅`` as the reference the negated direction also holds the caption's object, and erasing it wrecked the other
 concepts: measured on MiniCanvas Lagoon, IRA 0.76 and CRA 0.52.) With ``reference: others`` the reference branch is
 the caption with a random other concept of the target's kind instead (:func:`erasure.forget_data.esd_references`),
-for a concept that the model also draws when the caption names none (MiniSD: Mosaic).
+for a concept that the model also draws when the caption names none (MiniSD: mostly Comic, Mosaic and Cocoa).
 
 The ``x_t`` of the defence step are partial DDIM samples (:mod:`erasure.trajectory`, frozen sampler: the UNet
 never changes, so all states and teacher predictions are computed once). Each field documents the reference

@@ -20,8 +20,8 @@ implemented. Our option ``reference: caption`` replaces ``∅`` in the target by
 name dropped, for caption prompts (``prompts: minicanvas``), whose ``eps(c) - eps(∅)`` also holds their objects.
 Our option ``reference: others`` puts a random other concept of the target's kind in the target's place, one per
 state: as the loss is a squared error, its optimum is the target built on the *mean* of the other concepts' scores,
-a neutral reference for models whose caption without a name still draws one concept (MiniSD draws Mosaic for
-"A circle image in style.").
+a neutral reference for models whose caption without a name still draws particular concepts (MiniSD draws
+mostly Comic, Mosaic and Cocoa for "A circle image in style."; docs/world.md).
 """
 
 from __future__ import annotations

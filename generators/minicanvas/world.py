@@ -253,7 +253,7 @@ def build(
 
             _require_minisd(root, stage)
             clip, _ = load_clip(device, root)
-            # Tuned from MiniCLIP's tower, which MiniSD's UNet was trained with: rerunning the stage starts afresh.
+            # Tuned from MiniCLIP's tower (what MiniSD's UNet was trained on), never from the published, tuned copy.
             tuned = tune_text_robustness(text_encoder_from_clip(clip), work, tokenizer, settings, device, resume)
             shutil.copytree(root / "sd", tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("text_encoder"))
             _half(tuned).save_pretrained(tmp / "text_encoder", max_shard_size=SHARD_SIZE)

@@ -53,7 +53,7 @@ class HubTier:
 # The attack: UnlearnDiffAtk's token attack, 10 timestep blocks of 40 steps per prompt (the reference: blocks of 40,
 # up to 50 of them, stopping at the first success); quick attacks 5 prompts, full 10. On the world with stage sd_text,
 # Dusk, quick tier: 5 blocks of 20 found nothing against ESD's job config or AdvUnlearn's (ASR 0.0 each, a tie that
-# says nothing); 10 blocks of 40 gave ESD 0.2 and AdvUnlearn 0.0, at about 3 min of attack per model instead of 1.
+# says nothing); 10 blocks of 40 gave ESD 0.2 and AdvUnlearn 0.0 (the hub suite: 171 s and 189 s instead of 57 s).
 HUB_TIERS: dict[str, HubTier] = {
     "smoke": HubTier((0,), 2, 1, 1, AttackSettings(steps=4, check_every=0)),
     "quick": HubTier((0,), None, 3, 5, AttackSettings(steps=400, check_every=40)),

@@ -50,12 +50,12 @@ class HubTier:
     attack: AttackSettings
 
 
-# The attack: UnlearnDiffAtk's token attack with the reference's budget per prompt: timestep blocks of 40 steps, up to
-# 50 of them, stopping at the first success; quick attacks 5 prompts, full 10. Smaller budgets missed what it finds
-# on this world: against ESD's job config, 5 blocks of 20 found no prompt on six of the twelve styles and 10 blocks of 40
-# none on Ember, Lagoon, Frost and Meadow; 50 blocks of 40 broke ESD on Ember, Lagoon and Frost (ASR 0.2, 0.2, 1.0;
-# docs/evaluation.md). The cost is the reference's too: a prompt that holds takes 2,000 steps, about 2.5 min on 2 CPU
-# cores (the quick tier's hub suite: 747 s for ESD on Ember).
+# The attack: UnlearnDiffAtk's token attack with the reference's budget per prompt: timestep blocks of 40 steps, up
+# to 50 of them, stopping at the first success; quick attacks 5 prompts, full 10. Smaller budgets missed what it
+# finds on this world: against ESD's job config, 5 blocks of 20 found no prompt on six of the twelve styles and 10
+# blocks of 40 none on Ember, Lagoon, Frost and Meadow; 50 blocks of 40 broke ESD on Ember, Lagoon and Frost (ASR
+# 0.2, 0.2, 1.0; docs/evaluation.md). The cost is the reference's too: a prompt that holds takes 2,000 steps, about
+# 2.5 min on 2 CPU cores (the quick tier's hub suite: 747 s for ESD on Ember).
 HUB_TIERS: dict[str, HubTier] = {
     "smoke": HubTier((0,), 2, 1, 1, AttackSettings(steps=4, check_every=0)),
     "quick": HubTier((0,), None, 3, 5, AttackSettings(steps=2000, check_every=40)),

@@ -29,7 +29,7 @@ Gradients are taken with ``torch.autograd.grad`` with respect to the prefix only
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,28 +258,44 @@ def project_to_simplex(rows: Tensor) -> Tensor:
     """Euclidean projection of each row onto the probability simplex ``{p >= 0, sum(p) = 1}``.
 
     UnlearnDiffAtk finds the projection's threshold by bisection (``TextGrad.bisection``, tolerance 1e-5); this is
-    the exact sort-based solution of the same problem (Duchi et al., ICML 2008).
+    the exact sort-based solution of the same problem (Duchi et al., ICML 2008). The threshold depends only on the
+    row's largest entries (the projection's support), so they are taken with ``topk``, widened until they hold the
+    support: the same values and partial sums as a full sort, at a fraction of its cost once the support is small
+    (an attacked prefix slot keeps a few hundred of the 49,408 tokens after its first few dozen steps).
     """
-    ordered = rows.sort(dim=-1, descending=True).values
-    excess = ordered.cumsum(-1) - 1
-    rank = torch.arange(1, rows.shape[-1] + 1, device=rows.device, dtype=rows.dtype)
-    kept = (ordered - excess / rank > 0).sum(-1, keepdim=True)  # size of the support, >= 1
+    n = rows.shape[-1]
+    width = min(n, _SIMPLEX_FIRST_WIDTH)
+    while True:
+        ordered = rows.topk(width, dim=-1).values if width < n else rows.sort(dim=-1, descending=True).values
+        excess = ordered.cumsum(-1) - 1
+        rank = torch.arange(1, width + 1, device=rows.device, dtype=rows.dtype)
+        kept = (ordered - excess / rank > 0).sum(-1, keepdim=True)  # size of the support, >= 1
+        if width == n or bool((kept < width).all()):
+            break
+        width = min(n, width * 4)
     threshold = excess.gather(-1, kept - 1) / kept
     return (rows - threshold).clamp_min(0)
 
 
-class _SampledOneHot(torch.autograd.Function):
-    """UnlearnDiffAtk's ``STERandSelect``: forward, one token per row drawn from the row's distribution, as a
-    one-hot; backward, the gradient passed straight through, clipped to [-1, 1] (``hardtanh``)."""
+_SIMPLEX_FIRST_WIDTH = 1024
+
+
+class _SampledEmbedding(torch.autograd.Function):
+    """UnlearnDiffAtk's ``STERandSelect`` followed by the embedding lookup: forward, one token per row drawn from
+    the row's distribution, and its embedding (what ``one_hot @ table`` gives, without the product); backward, the
+    gradient with respect to that one-hot (``grad @ table.T``) passed straight through to the distribution, clipped
+    to [-1, 1] (``hardtanh``)."""
 
     @staticmethod
-    def forward(ctx: Any, probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    def forward(ctx: Any, probs: Tensor, table: Tensor, generator: torch.Generator | None) -> Tensor:
         ids = torch.multinomial(probs.detach().float().cpu(), 1, generator=generator).squeeze(-1)
-        return F.one_hot(ids.to(probs.device), probs.shape[-1]).to(probs.dtype)
+        ctx.save_for_backward(table)
+        return table[ids.to(table.device)].to(probs.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return F.hardtanh(grad), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (table,) = ctx.saved_tensors
+        return F.hardtanh(grad @ table.T), None, None
 
 
 def attack_timesteps(num_train_timesteps: int, blocks: int) -> list[int]:
@@ -311,6 +327,11 @@ class TokenAttack:
     """The check returned True after a block (the attack stops there)."""
 
 
+BatchStopCheck = Callable[[list[int], Tensor], list[bool]]
+"""``check(indices, prompt_embeds) -> successes``: judge the prompts ``indices`` (positions in the attacked batch)
+with their embeddings ``[len(indices), L, d]`` at once; the attack of each prompt judged True stops."""
+
+
 def optimize_prefix_tokens(
     components: Any,
     prompt: str,
@@ -330,41 +351,94 @@ def optimize_prefix_tokens(
     Each prefix slot holds a distribution over the whole vocabulary, uniform at the start. For each of ``blocks``
     timesteps (:func:`attack_timesteps`), ``iterations`` Adam steps (lr ``lr``, L2 weight decay ``weight_decay``, as
     the code's ``torch.optim.Adam``), each with fresh noise: a token per slot is sampled from its distribution
-    (straight-through, :class:`_SampledOneHot`), the loss is taken with those tokens' embeddings, and after the
+    (straight-through, :class:`_SampledEmbedding`), the loss is taken with those tokens' embeddings, and after the
     step the distributions are projected back onto the simplex. After each block the argmax tokens make a discrete
     prompt; ``check(prompt_embeds)`` judges it and stops the attack on True. The reference visits up to 50
     timesteps x 40 iterations (its ``n_samples`` and ``iteration``).
     """
-    text_encoder = components.text_encoder
+    batch_check = None if check is None else (lambda indices, embeds: [check(embeds)])
+    return optimize_prefix_tokens_batch(
+        components, [prompt], target_latents, k=k, iterations=iterations, blocks=blocks, lr=lr,
+        weight_decay=weight_decay, generators=[generator], check=batch_check,
+    )[0]
+
+
+def optimize_prefix_tokens_batch(
+    components: Any,
+    prompts: Sequence[str],
+    target_latents: Tensor,
+    *,
+    k: int = 5,
+    iterations: int = 40,
+    blocks: int = 1,
+    lr: float = 0.01,
+    weight_decay: float = 0.1,
+    generators: Sequence[torch.Generator | None] | None = None,
+    check: BatchStopCheck | None = None,
+) -> list[TokenAttack]:
+    """:func:`optimize_prefix_tokens` for several prompts at once, ``prompts[i]`` towards ``target_latents[i]``.
+
+    Each prompt's attack is the single-prompt attack: its own distributions, Adam state and random stream
+    (``generators[i]``: its token draws and noise, in the same order), its own loss (the sum of the prompts' losses
+    is differentiated, and no prompt's loss depends on another's prefix) and its own stop. Only the text encoder and
+    UNet passes are shared, one batch of the prompts still running per step: on 2 CPU cores MiniSD's step costs
+    about 13 ms per prompt at five prompts against 40 ms for one. Results can differ from attacking the prompts
+    one by one in the last bits of a batched convolution, never in what is computed.
+    """
+    if len(target_latents) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(target_latents)} target latents")
+    generators = list(generators) if generators is not None else [None] * len(prompts)
+    if len(generators) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
+    text_encoder, unet, scheduler = components.text_encoder, components.unet, components.scheduler
     table = text_encoder.get_input_embeddings().weight.detach().float()  # [vocabulary, d]
-    pp = build_prefix_prompt(components.tokenizer, prompt, k)
-    probs = torch.full((k, table.shape[0]), 1.0 / table.shape[0], device=table.device, requires_grad=True)
-    optimizer = torch.optim.Adam([probs], lr=lr, weight_decay=weight_decay)
-    latents = target_latents.to(device=components.unet.device, dtype=torch.float32)
-    num_train = len(components.scheduler.alphas_cumprod)
-    result = TokenAttack(
-        tokens=torch.empty(0), text="", prompt_ids=pp.input_ids, prompt_embeds=torch.empty(0)
-    )
+    encoded = [build_prefix_prompt(components.tokenizer, p, k) for p in prompts]
+    probs = [
+        torch.full((k, table.shape[0]), 1.0 / table.shape[0], device=table.device, requires_grad=True)
+        for _ in prompts
+    ]
+    optimizers = [torch.optim.Adam([p], lr=lr, weight_decay=weight_decay) for p in probs]
+    latents = target_latents.to(device=unet.device, dtype=torch.float32)
+    results = [
+        TokenAttack(tokens=torch.empty(0), text="", prompt_ids=pp.input_ids, prompt_embeds=torch.empty(0))
+        for pp in encoded
+    ]
+    running = list(range(len(prompts)))
+    num_train = len(scheduler.alphas_cumprod)
     with torch.enable_grad():
         for timestep in attack_timesteps(num_train, blocks):
-            for _ in range(iterations):
-                prefix = _SampledOneHot.apply(probs, generator) @ table
-                x_t, t, eps = noised(components.scheduler, latents, generator, timestep=timestep)
-                loss = prefixed_loss(components, pp, prefix, x_t, t, eps)
-                (grad,) = torch.autograd.grad(loss, [probs])
-                probs.grad = grad
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    probs.copy_(project_to_simplex(probs))
-                result.losses.append(float(loss.detach()))
-                result.steps += 1
-            result.blocks += 1
-            _set_tokens(result, components, pp, probs.detach().argmax(-1))
-            if check is not None and check(result.prompt_embeds):
-                result.succeeded = True
+            if not running:
                 break
-    return result
+            batch = PrefixPrompt(torch.cat([encoded[i].input_ids for i in running]), k)
+            for _ in range(iterations):
+                prefixes, draws = [], []
+                for i in running:  # each prompt's stream: its token draw, then its noise
+                    prefixes.append(_SampledEmbedding.apply(probs[i], table, generators[i]))
+                    draws.append(noised(scheduler, latents[i : i + 1], generators[i], timestep=timestep))
+                x_t, t, eps = (torch.cat(parts) for parts in zip(*draws))
+                cond = encode_with_prefix(text_encoder, batch, torch.stack(prefixes))
+                cond = cond.to(device=unet.device, dtype=unet.dtype)
+                pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond).sample
+                losses = [F.mse_loss(pred[j : j + 1].float(), eps[j : j + 1].float()) for j in range(len(running))]
+                grads = torch.autograd.grad(torch.stack(losses).sum(), [probs[i] for i in running])
+                for j, i in enumerate(running):
+                    probs[i].grad = grads[j]
+                    optimizers[i].step()
+                    optimizers[i].zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        probs[i].copy_(project_to_simplex(probs[i]))
+                    results[i].losses.append(float(losses[j].detach()))
+                    results[i].steps += 1
+            for i in running:
+                results[i].blocks += 1
+                _set_tokens(results[i], components, encoded[i], probs[i].detach().argmax(-1))
+            if check is not None:
+                judged = check(list(running), torch.cat([results[i].prompt_embeds for i in running]))
+                for i, success in zip(list(running), judged, strict=True):
+                    if success:
+                        results[i].succeeded = True
+                        running.remove(i)
+    return results
 
 
 @torch.no_grad()

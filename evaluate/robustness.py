@@ -9,7 +9,8 @@ successes) / prompts.
 
 ``space="tokens"`` (the default, and the HUB suite's) is UnlearnDiffAtk's own attack,
 :func:`erasure.attacks.optimize_prefix_tokens`: the judged prefixes are vocabulary tokens, a prompt anyone can type,
-and each ``check_every`` steps are one block at one timestep of its schedule. ``space="embeddings"`` is the
+and each ``check_every`` steps are one block at one timestep of its schedule. The prompts are attacked side by side
+(:func:`erasure.attacks.optimize_prefix_tokens_batch`), each judged after each of its blocks, all at once. ``space="embeddings"`` is the
 continuous prefix-embedding attack of :func:`erasure.attacks.optimize_prefix_embeddings` (AdvUnlearn's inner
 attack; AdamW, random timesteps): a white-box worst case that no typed prompt need reach.
 """
@@ -23,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from erasure.attacks import encode_images, optimize_prefix_embeddings, optimize_prefix_tokens
+from erasure.attacks import encode_images, optimize_prefix_embeddings, optimize_prefix_tokens_batch
 from evaluate.judges import ConceptLike, Judge
 from evaluate.sampling import SamplerSettings, SDSampler
 
@@ -34,6 +35,9 @@ class AttackSettings:
 
     For the token attack, ``check_every`` is the length of a timestep block (the reference's ``iteration``, 40) and
     ``steps / check_every`` the number of blocks (its ``n_samples``, 50); ``check_every = 0`` makes one block.
+    ``batch_size`` prompts are attacked side by side (:func:`erasure.attacks.optimize_prefix_tokens_batch`: one
+    text-encoder and UNet batch per step, each prompt's attack otherwise its own); it sets the memory the attack
+    needs, not what it does.
     """
 
     steps: int = 40
@@ -43,8 +47,11 @@ class AttackSettings:
     check_every: int = 10
     seed: int = 0
     space: Literal["tokens", "embeddings"] = "tokens"
+    batch_size: int = 10
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.space == "tokens" and self.check_every and self.steps % self.check_every:
             raise ValueError(f"the token attack runs whole blocks: steps ({self.steps}) must be a multiple of "
                              f"check_every ({self.check_every})")
@@ -90,32 +97,43 @@ def attack_prompts(
     pre = judge.shows(sampler.images(prompts, seeds, sampling), concept).cpu()
     attacked = pre.clone()
     outcome = AttackOutcome(pre_attack=pre, attacked=attacked)
-    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        if pre[i]:
-            continue
+    todo = [i for i in range(len(prompts)) if not pre[i]]
+    if attack.space == "tokens":
+        losses: dict[int, list[float]] = {}
+        for start in range(0, len(todo), attack.batch_size):
+            group = todo[start : start + attack.batch_size]
+
+            def shows_all(indices: list[int], embeds: Tensor, group: list[int] = group) -> list[bool]:
+                chosen = [seeds[group[j]] for j in indices]
+                return judge.shows(sampler.images_from_embeddings(embeds, chosen, sampling), concept).tolist()
+
+            results = optimize_prefix_tokens_batch(
+                pipe, [prompts[i] for i in group], encode_images(pipe.vae, references[group]), k=attack.k,
+                iterations=attack.check_every or attack.steps, blocks=attack.blocks, lr=attack.lr,
+                weight_decay=attack.weight_decay, generators=[torch.Generator().manual_seed(attack.seed + i)
+                                                              for i in group],
+                check=shows_all,
+            )
+            for i, tokens in zip(group, results, strict=True):
+                attacked[i], losses[i] = tokens.succeeded, tokens.losses
+                log(f"attack {i + 1}/{len(prompts)}: {tokens.steps} steps, loss {tokens.losses[0]:.4f} -> "
+                    f"{tokens.losses[-1]:.4f}, success={tokens.succeeded}, prefix {tokens.text!r}")
+        outcome.losses.extend(losses[i] for i in todo)
+        return outcome
+    for i in todo:
+        prompt, seed = prompts[i], seeds[i]
         latents = encode_images(pipe.vae, references[i : i + 1])
 
         def shows(embeds: Tensor, seed: int = seed) -> bool:
             image = sampler.images_from_embeddings(embeds, [seed], sampling)
             return bool(judge.shows(image, concept)[0])
 
-        generator = torch.Generator().manual_seed(attack.seed + i)
-        if attack.space == "tokens":
-            tokens = optimize_prefix_tokens(
-                pipe, prompt, latents, k=attack.k, iterations=attack.check_every or attack.steps,
-                blocks=attack.blocks, lr=attack.lr, weight_decay=attack.weight_decay, generator=generator,
-                check=shows,
-            )
-            attacked[i], losses, steps = tokens.succeeded, tokens.losses, tokens.steps
-            found = f", prefix {tokens.text!r}"
-        else:
-            embeds = optimize_prefix_embeddings(
-                pipe, prompt, latents, k=attack.k, steps=attack.steps, lr=attack.lr,
-                weight_decay=attack.weight_decay, generator=generator, check=shows, check_every=attack.check_every,
-            )
-            attacked[i] = True if embeds.stopped_early else shows(embeds.prompt_embeds)
-            losses, steps, found = embeds.losses, embeds.steps, ""
-        outcome.losses.append(losses)
-        log(f"attack {i + 1}/{len(prompts)}: {steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-            f"success={bool(attacked[i])}{found}")
+        embeds = optimize_prefix_embeddings(
+            pipe, prompt, latents, k=attack.k, steps=attack.steps, lr=attack.lr, weight_decay=attack.weight_decay,
+            generator=torch.Generator().manual_seed(attack.seed + i), check=shows, check_every=attack.check_every,
+        )
+        attacked[i] = True if embeds.stopped_early else shows(embeds.prompt_embeds)
+        outcome.losses.append(embeds.losses)
+        log(f"attack {i + 1}/{len(prompts)}: {embeds.steps} steps, loss {embeds.losses[0]:.4f} -> "
+            f"{embeds.losses[-1]:.4f}, success={bool(attacked[i])}")
     return outcome

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from erasure.attacks import (
-    _SampledOneHot,
+    _SampledEmbedding,
     attack_timesteps,
     build_prefix_prompt,
     denoising_loss,
@@ -21,6 +21,7 @@ from erasure.attacks import (
     init_prefix,
     optimize_prefix_embeddings,
     optimize_prefix_tokens,
+    optimize_prefix_tokens_batch,
     project_to_simplex,
 )
 from erasure.base import ErasureMethod
@@ -163,7 +164,16 @@ def test_the_attack_raises_asr_on_a_model_that_was_not_erased(two_concept_model,
     assert outcome.pre_attack.tolist() == [False, False, False]
     assert outcome.attacked.tolist() == [True, True, True]
     assert outcome.rates() == {"pre_asr": 0.0, "asr": 1.0}
-    if space == "tokens":
+    if space == "tokens":  # attacked side by side or in smaller groups: the same attacks
+        for batch_size in (1, 2):
+            grouped = attack_prompts(sampler, judge, concept, [OTHER] * 3, seeds, images[:1].expand(3, -1, -1, -1),
+                                     settings, AttackSettings(steps=40, check_every=10, batch_size=batch_size))
+            assert grouped.attacked.tolist() == [True, True, True]
+            assert [len(lo) for lo in grouped.losses] == [len(lo) for lo in outcome.losses]
+            for got, want in zip(grouped.losses, outcome.losses):
+                assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-6)
+        with pytest.raises(ValueError, match="batch_size"):
+            AttackSettings(batch_size=0)
         return
 
     # The attack objective goes down (measured on the same noise and timesteps before and after).
@@ -225,6 +235,64 @@ def test_simplex_projection_solves_unlearndiffatks_bisection_exactly() -> None:
     assert torch.allclose(project_to_simplex(on_simplex), on_simplex)
 
 
+def test_prompts_attacked_side_by_side_are_each_attacked_as_alone(two_concept_model) -> None:
+    pipe, images = two_concept_model[:2]
+    prompts = [OTHER, CONCEPT, OTHER]
+    latents = encode_images(pipe.vae, images[[0, 1, 0]])
+    succeeds_at = {0: None, 1: 1, 2: 2}  # the judgement (1st, 2nd...) at which each prompt's attack succeeds
+    calls: list[list[int]] = []
+    judged = {i: 0 for i in succeeds_at}
+
+    def check(indices: list[int], embeds: torch.Tensor) -> list[bool]:
+        calls.append(list(indices))
+        assert embeds.shape[0] == len(indices)
+        for i in indices:
+            judged[i] += 1
+        return [judged[i] == succeeds_at[i] for i in indices]
+
+    together = optimize_prefix_tokens_batch(
+        pipe, prompts, latents, k=3, iterations=4, blocks=3,
+        generators=[torch.Generator().manual_seed(10 + i) for i in range(3)], check=check,
+    )
+    assert calls == [[0, 1, 2], [0, 2], [0]]  # a prompt that succeeded is neither attacked nor judged again
+    for i, prompt in enumerate(prompts):
+        count = {"n": 0}
+
+        def alone_check(embeds: torch.Tensor, i: int = i, count: dict = count) -> bool:
+            count["n"] += 1
+            return count["n"] == succeeds_at[i]
+
+        alone = optimize_prefix_tokens(pipe, prompt, latents[i : i + 1], k=3, iterations=4, blocks=3,
+                                       generator=torch.Generator().manual_seed(10 + i), check=alone_check)
+        got = together[i]
+        assert (got.steps, got.blocks, got.succeeded) == (alone.steps, alone.blocks, alone.succeeded)
+        assert got.tokens.tolist() == alone.tokens.tolist() and got.text == alone.text
+        assert torch.allclose(torch.tensor(got.losses), torch.tensor(alone.losses), rtol=1e-4, atol=1e-6)
+    assert [r.steps for r in together] == [12, 4, 8]
+    with pytest.raises(ValueError, match="target latents"):
+        optimize_prefix_tokens_batch(pipe, prompts, latents[:2])
+
+
+def test_simplex_projection_reads_only_the_largest_entries_and_matches_a_full_sort() -> None:
+    def full_sort(rows: torch.Tensor) -> torch.Tensor:
+        ordered = rows.sort(dim=-1, descending=True).values
+        excess = ordered.cumsum(-1) - 1
+        rank = torch.arange(1, rows.shape[-1] + 1, dtype=rows.dtype)
+        kept = (ordered - excess / rank > 0).sum(-1, keepdim=True)
+        return (rows - excess.gather(-1, kept - 1) / kept).clamp_min(0)
+
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    wide = 1 / n + torch.rand(3, n, generator=g) * 1e-6  # nearly uniform: the support is almost every entry
+    peaked = torch.rand(3, n, generator=g) * 0.01 - 0.005  # a few hundred entries above the threshold
+    peaked[:, :5] += torch.tensor([0.5, 0.3, 0.2, 0.1, 0.05])
+    middle = torch.rand(3, n, generator=g) * 0.0064  # a support of about 2,500 (sqrt(2n / 0.0064)): widened once
+    for rows in (wide, peaked, middle, torch.cat([wide, peaked])):
+        assert torch.equal(project_to_simplex(rows), full_sort(rows))
+    assert int((project_to_simplex(wide) > 0).sum(-1).min()) > 10_000
+    assert 1_024 < int((project_to_simplex(middle) > 0).sum(-1).max()) < 4_096
+
+
 def test_token_attack_schedule_and_straight_through_gradient() -> None:
     assert attack_timesteps(1000, 50) == list(range(10, 1000, 20))  # the reference's sampled_t (n_samples 50)
     assert attack_timesteps(1000, 2) == [250, 750]
@@ -234,10 +302,12 @@ def test_token_attack_schedule_and_straight_through_gradient() -> None:
     assert AttackSettings(steps=100, check_every=20).blocks == 5 and AttackSettings(check_every=0).blocks == 1
 
     probs = torch.tensor([[0.0, 1.0, 0.0]], requires_grad=True)
-    one_hot = _SampledOneHot.apply(probs, torch.Generator().manual_seed(0))
-    assert one_hot.tolist() == [[0.0, 1.0, 0.0]]  # the only token with probability
-    (one_hot * torch.tensor([[3.0, -0.5, -2.0]])).sum().backward()
-    assert probs.grad.tolist() == [[1.0, -0.5, -1.0]]  # passed straight through, clipped to [-1, 1]
+    table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, -1.0]])
+    embedding = _SampledEmbedding.apply(probs, table, torch.Generator().manual_seed(0))
+    assert embedding.tolist() == [[0.0, 2.0]]  # the only token with probability: its row of the table
+    (embedding * torch.tensor([[1.0, 0.25]])).sum().backward()
+    # The gradient of its one-hot ([1, 0.25] @ table.T = [1, 0.5, 2.75]) passed straight through, clipped to [-1, 1].
+    assert probs.grad.tolist() == [[1.0, 0.5, 1.0]]
 
 
 def test_prefix_embeddings_sit_after_the_start_token(tiny_pipe) -> None:

@@ -24,7 +24,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from erasure.attacks import encode_images, optimize_prefix_embeddings, optimize_prefix_tokens_batch
+from erasure.attacks import (
+    TokenAttack,
+    encode_images,
+    optimize_prefix_embeddings,
+    optimize_prefix_tokens_batch,
+)
 from evaluate.judges import ConceptLike, Judge
 from evaluate.sampling import SamplerSettings, SDSampler
 
@@ -107,17 +112,19 @@ def attack_prompts(
                 chosen = [seeds[group[j]] for j in indices]
                 return judge.shows(sampler.images_from_embeddings(embeds, chosen, sampling), concept).tolist()
 
-            results = optimize_prefix_tokens_batch(
+            def finished(j: int, tokens: TokenAttack, group: list[int] = group) -> None:
+                i = group[j]
+                attacked[i], losses[i] = tokens.succeeded, tokens.losses
+                log(f"attack {i + 1}/{len(prompts)}: {tokens.steps} steps, loss {tokens.losses[0]:.4f} -> "
+                    f"{tokens.losses[-1]:.4f}, success={tokens.succeeded}, prefix {tokens.text!r}")
+
+            optimize_prefix_tokens_batch(
                 pipe, [prompts[i] for i in group], encode_images(pipe.vae, references[group]), k=attack.k,
                 iterations=attack.check_every or attack.steps, blocks=attack.blocks, lr=attack.lr,
                 weight_decay=attack.weight_decay, generators=[torch.Generator().manual_seed(attack.seed + i)
                                                               for i in group],
-                check=shows_all,
+                check=shows_all, on_finish=finished,
             )
-            for i, tokens in zip(group, results, strict=True):
-                attacked[i], losses[i] = tokens.succeeded, tokens.losses
-                log(f"attack {i + 1}/{len(prompts)}: {tokens.steps} steps, loss {tokens.losses[0]:.4f} -> "
-                    f"{tokens.losses[-1]:.4f}, success={tokens.succeeded}, prefix {tokens.text!r}")
         outcome.losses.extend(losses[i] for i in todo)
         return outcome
     for i in todo:

@@ -250,11 +250,14 @@ def test_prompts_attacked_side_by_side_are_each_attacked_as_alone(two_concept_mo
             judged[i] += 1
         return [judged[i] == succeeds_at[i] for i in indices]
 
+    finished: list[tuple[int, int]] = []
     together = optimize_prefix_tokens_batch(
         pipe, prompts, latents, k=3, iterations=4, blocks=3,
         generators=[torch.Generator().manual_seed(10 + i) for i in range(3)], check=check,
+        on_finish=lambda i, result: finished.append((i, result.steps)),
     )
     assert calls == [[0, 1, 2], [0, 2], [0]]  # a prompt that succeeded is neither attacked nor judged again
+    assert finished == [(1, 4), (2, 8), (0, 12)]  # reported as each attack ends
     for i, prompt in enumerate(prompts):
         count = {"n": 0}
 

@@ -254,6 +254,10 @@ def _embeds(text_encoder: Any, prompt: PrefixPrompt, prefix: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------ UnlearnDiffAtk's token attack
 
 
+_SIMPLEX_FIRST_WIDTH = 1024
+"""Entries per row that :func:`project_to_simplex` reads first (then 4x more, until they hold the support)."""
+
+
 def project_to_simplex(rows: Tensor) -> Tensor:
     """Euclidean projection of each row onto the probability simplex ``{p >= 0, sum(p) = 1}``.
 
@@ -275,9 +279,6 @@ def project_to_simplex(rows: Tensor) -> Tensor:
         width = min(n, width * 4)
     threshold = excess.gather(-1, kept - 1) / kept
     return (rows - threshold).clamp_min(0)
-
-
-_SIMPLEX_FIRST_WIDTH = 1024
 
 
 class _SampledEmbedding(torch.autograd.Function):
@@ -382,8 +383,8 @@ def optimize_prefix_tokens_batch(
     Each prompt's attack is the single-prompt attack: its own distributions, Adam state and random stream
     (``generators[i]``: its token draws and noise, in the same order), its own loss (the sum of the prompts' losses
     is differentiated, and no prompt's loss depends on another's prefix) and its own stop. Only the text encoder and
-    UNet passes are shared, one batch of the prompts still running per step: on 2 CPU cores MiniSD's step costs
-    about 13 ms per prompt at five prompts against 40 ms for one. Results can differ from attacking the prompts
+    UNet passes are shared, one batch of the prompts still running per step: on 2 CPU cores MiniSD's forward and
+    backward pass cost about 13 ms per prompt at five prompts against 40 ms for one. Results can differ from attacking the prompts
     one by one in the last bits of a batched convolution, never in what is computed. ``on_finish(i, result)`` is
     called as each prompt's attack ends (its success, or the end of the budget).
     """

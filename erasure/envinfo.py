@@ -101,7 +101,8 @@ def machine_label(env: dict[str, Any]) -> str | None:
     cpu = env.get("cpu")
     if not isinstance(cpu, dict) or not cpu.get("model"):
         return None
-    return f"{cpu['model']}, {cpu.get('capability', '?')}, {cpu.get('torch_threads', '?')} threads"
+    threads = cpu.get("torch_threads", "?")
+    return f"{cpu['model']}, {cpu.get('capability', '?')}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def device_info(device: torch.device) -> dict[str, Any]:

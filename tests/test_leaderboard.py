@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from erasure.base import ErasureMethod
 from erasure.cli import app
+from erasure.envinfo import machine_label
 from erasure.leaderboard import write_leaderboard
 from erasure.leaderboard.plots import pareto_front
 from erasure.leaderboard.records import budget_label, flatten_metrics
@@ -308,3 +309,5 @@ def test_one_machine_gives_no_mixing_warning(runs: Path, tmp_path: Path) -> None
         "Warning" not in markdown
         and "beta: targets style:Ember; seeds 0; timed on Some CPU, AVX2, 2 threads" in markdown
     )
+    assert machine_label({"cpu": {**cpu, "torch_threads": 1}}) == "Some CPU, AVX2, 1 thread"
+

@@ -54,8 +54,9 @@ class HubTier:
 # to 50 of them, stopping at the first success; quick attacks 5 prompts, full 10. Smaller budgets missed what it
 # finds on this world: against ESD's job config, 5 blocks of 20 found no prompt on six of the twelve styles and 10
 # blocks of 40 none on Ember, Lagoon, Frost and Meadow; 50 blocks of 40 broke ESD on Ember, Lagoon and Frost (ASR
-# 0.2, 0.2, 1.0; docs/evaluation.md). The cost is the reference's too: a prompt that holds takes 2,000 steps, about
-# 2.5 min on 2 CPU cores (the quick tier's hub suite: 747 s for ESD on Ember).
+# 0.2, 0.2, 1.0; docs/evaluation.md). A prompt that holds takes the reference's 2,000 steps; the prompts run side
+# by side (one UNet batch per step), so on 2 CPU cores the quick tier's hub suite took 350 s for AdvUnlearn on Ember,
+# which held all five (705 s when the prompts ran one after another; docs/performance.md).
 HUB_TIERS: dict[str, HubTier] = {
     "smoke": HubTier((0,), 2, 1, 1, AttackSettings(steps=4, check_every=0)),
     "quick": HubTier((0,), None, 3, 5, AttackSettings(steps=2000, check_every=40)),

@@ -10,8 +10,8 @@ successes) / prompts.
 ``space="tokens"`` (the default, and the HUB suite's) is UnlearnDiffAtk's own attack,
 :func:`erasure.attacks.optimize_prefix_tokens`: the judged prefixes are vocabulary tokens, a prompt anyone can type,
 and each ``check_every`` steps are one block at one timestep of its schedule. The prompts are attacked side by side
-(:func:`erasure.attacks.optimize_prefix_tokens_batch`), each judged after each of its blocks, all at once. ``space="embeddings"`` is the
-continuous prefix-embedding attack of :func:`erasure.attacks.optimize_prefix_embeddings` (AdvUnlearn's inner
+(:func:`erasure.attacks.optimize_prefix_tokens_batch`) and judged together after each block. ``space="embeddings"``
+is the continuous prefix-embedding attack of :func:`erasure.attacks.optimize_prefix_embeddings` (AdvUnlearn's inner
 attack; AdamW, random timesteps): a white-box worst case that no typed prompt need reach.
 """
 
@@ -98,49 +98,63 @@ def attack_prompts(
     """Attack ``prompts`` on ``sampler``'s model towards ``references[i]`` (images in [-1, 1], one per prompt)."""
     if not (len(prompts) == len(seeds) == len(references)):
         raise ValueError("prompts, seeds and references must have the same length")
-    pipe = sampler.pipe
     pre = judge.shows(sampler.images(prompts, seeds, sampling), concept).cpu()
-    attacked = pre.clone()
-    outcome = AttackOutcome(pre_attack=pre, attacked=attacked)
+    outcome = AttackOutcome(pre_attack=pre, attacked=pre.clone())
     todo = [i for i in range(len(prompts)) if not pre[i]]
     if attack.space == "tokens":
-        losses: dict[int, list[float]] = {}
-        for start in range(0, len(todo), attack.batch_size):
-            group = todo[start : start + attack.batch_size]
+        _token_attacks(sampler, judge, concept, prompts, seeds, references, sampling, attack, log, todo, outcome)
+    else:
+        _embedding_attacks(sampler, judge, concept, prompts, seeds, references, sampling, attack, log, todo, outcome)
+    return outcome
 
-            def shows_all(indices: list[int], embeds: Tensor, group: list[int] = group) -> list[bool]:
-                chosen = [seeds[group[j]] for j in indices]
-                return judge.shows(sampler.images_from_embeddings(embeds, chosen, sampling), concept).tolist()
 
-            def finished(j: int, tokens: TokenAttack, group: list[int] = group) -> None:
-                i = group[j]
-                attacked[i], losses[i] = tokens.succeeded, tokens.losses
-                log(f"attack {i + 1}/{len(prompts)}: {tokens.steps} steps, loss {tokens.losses[0]:.4f} -> "
-                    f"{tokens.losses[-1]:.4f}, success={tokens.succeeded}, prefix {tokens.text!r}")
+def _token_attacks(sampler: SDSampler, judge: Judge, concept: ConceptLike, prompts: Sequence[str],
+                   seeds: Sequence[int], references: Tensor, sampling: SamplerSettings, attack: AttackSettings,
+                   log: Callable[[str], None], todo: list[int], outcome: AttackOutcome) -> None:
+    """UnlearnDiffAtk on the prompts ``todo``, ``attack.batch_size`` of them side by side."""
+    pipe = sampler.pipe
+    losses: dict[int, list[float]] = {}
+    for start in range(0, len(todo), attack.batch_size):
+        group = todo[start : start + attack.batch_size]
 
-            optimize_prefix_tokens_batch(
-                pipe, [prompts[i] for i in group], encode_images(pipe.vae, references[group]), k=attack.k,
-                iterations=attack.check_every or attack.steps, blocks=attack.blocks, lr=attack.lr,
-                weight_decay=attack.weight_decay, generators=[torch.Generator().manual_seed(attack.seed + i)
-                                                              for i in group],
-                check=shows_all, on_finish=finished,
-            )
-        outcome.losses.extend(losses[i] for i in todo)
-        return outcome
+        def shows_all(indices: list[int], embeds: Tensor, group: list[int] = group) -> list[bool]:
+            chosen = [seeds[group[j]] for j in indices]
+            return judge.shows(sampler.images_from_embeddings(embeds, chosen, sampling), concept).tolist()
+
+        def finished(j: int, tokens: TokenAttack, group: list[int] = group) -> None:
+            i = group[j]
+            outcome.attacked[i], losses[i] = tokens.succeeded, tokens.losses
+            log(f"attack {i + 1}/{len(prompts)}: {tokens.steps} steps, loss {tokens.losses[0]:.4f} -> "
+                f"{tokens.losses[-1]:.4f}, success={tokens.succeeded}, prefix {tokens.text!r}")
+
+        optimize_prefix_tokens_batch(
+            pipe, [prompts[i] for i in group], encode_images(pipe.vae, references[group]), k=attack.k,
+            iterations=attack.check_every or attack.steps, blocks=attack.blocks, lr=attack.lr,
+            weight_decay=attack.weight_decay,
+            generators=[torch.Generator().manual_seed(attack.seed + i) for i in group],
+            check=shows_all, on_finish=finished,
+        )
+    outcome.losses.extend(losses[i] for i in todo)
+
+
+def _embedding_attacks(sampler: SDSampler, judge: Judge, concept: ConceptLike, prompts: Sequence[str],
+                       seeds: Sequence[int], references: Tensor, sampling: SamplerSettings, attack: AttackSettings,
+                       log: Callable[[str], None], todo: list[int], outcome: AttackOutcome) -> None:
+    """The continuous prefix-embedding attack on the prompts ``todo``, one after another."""
+    pipe = sampler.pipe
     for i in todo:
-        prompt, seed = prompts[i], seeds[i]
         latents = encode_images(pipe.vae, references[i : i + 1])
 
-        def shows(embeds: Tensor, seed: int = seed) -> bool:
+        def shows(embeds: Tensor, seed: int = seeds[i]) -> bool:
             image = sampler.images_from_embeddings(embeds, [seed], sampling)
             return bool(judge.shows(image, concept)[0])
 
         embeds = optimize_prefix_embeddings(
-            pipe, prompt, latents, k=attack.k, steps=attack.steps, lr=attack.lr, weight_decay=attack.weight_decay,
-            generator=torch.Generator().manual_seed(attack.seed + i), check=shows, check_every=attack.check_every,
+            pipe, prompts[i], latents, k=attack.k, steps=attack.steps, lr=attack.lr,
+            weight_decay=attack.weight_decay, generator=torch.Generator().manual_seed(attack.seed + i), check=shows,
+            check_every=attack.check_every,
         )
-        attacked[i] = True if embeds.stopped_early else shows(embeds.prompt_embeds)
+        outcome.attacked[i] = True if embeds.stopped_early else shows(embeds.prompt_embeds)
         outcome.losses.append(embeds.losses)
         log(f"attack {i + 1}/{len(prompts)}: {embeds.steps} steps, loss {embeds.losses[0]:.4f} -> "
-            f"{embeds.losses[-1]:.4f}, success={bool(attacked[i])}")
-    return outcome
+            f"{embeds.losses[-1]:.4f}, success={bool(outcome.attacked[i])}")

@@ -79,7 +79,8 @@ class DoCoParams(MethodParams):
     # On the v4 MiniCanvas world 240 steps erased too little (quick tier UA 0.3 Ember, 0.8 Lagoon); 800 gave UA 1.0
     # on both with IRA >= 0.99 and CRA >= 0.93, 132-146 s on 2 CPU cores. On the world with stage sd_text 800 left
     # Ember at UA 0.50 (Lagoon 1.00); 1600 gave Ember 1.000 / 1.000 / 0.942 (UA / IRA / CRA) in 218 s and Lagoon
-    # 1.000 / 0.991 / 0.933 in 231 s, alone on a 2-core AMD EPYC (Zen 4) (docs/leaderboard/README.md, 2026-12-07).
+    # 1.000 / 0.991 / 0.933 in 231 s, alone on a 2-core AMD EPYC (Zen 4) (docs/leaderboard/README.md, 2026-12-07),
+    # but Ink UA 0.00 and Mosaic 0.50 even at 1600.
     iterations: int = Field(
         1600, ge=1, description="Training steps, discriminator warm-up included. Reference: 2000."
     )

@@ -276,14 +276,26 @@ def prompt_trajectories(
     guidance_scale: float,
     generator: torch.Generator,
     reuse: bool = True,
+    negative: PromptEmbeddings | None = None,
 ) -> AnyTrajectories:
     """``n`` partial-DDIM trajectories of the frozen ``teacher`` under ``prompts`` (every prompt equally often),
     from noise drawn from ``generator``: sampled once and kept, or, with ``reuse=False`` (the reference path),
-    recomputed whenever a state is drawn (then ``teacher`` must stay frozen while the method trains)."""
+    recomputed whenever a state is drawn (then ``teacher`` must stay frozen while the method trains).
+
+    Guidance is away from the empty prompt, or with ``negative`` (index for index with ``prompts``) away from
+    ``negative[i]`` for trajectories of ``prompts[i]``; the bank's ``uncond_out`` are then those outputs."""
     noise = initial_noise(n, teacher, generator)
     index = spread(n, len(prompts), generator)
+    if negative is None:
+        uncond = prompts.empty
+    elif len(negative) != len(prompts):
+        raise ValueError(
+            f"{len(negative)} negative prompts for {len(prompts)} prompts; they pair index for index"
+        )
+    else:
+        uncond = negative[index]
     return partial_trajectories(
-        teacher, scheduler, noise, prompts[index], prompts.empty, guidance_scale, index, reuse=reuse
+        teacher, scheduler, noise, prompts[index], uncond, guidance_scale, index, reuse=reuse
     )
 
 

@@ -181,15 +181,15 @@ class RecomputedTrajectories:
         latents = torch.cat(
             [
                 sample_until(
-                    self.teacher, self.scheduler, self.noise[i : i + 1], self.cond[i : i + 1], self.uncond,
-                    self.guidance_scale, int(j),
+                    self.teacher, self.scheduler, self.noise[i : i + 1], self.cond[i : i + 1],
+                    unconditional_batch(self.uncond, slice(i, i + 1), 1), self.guidance_scale, int(j),
                 )
                 for i, j in zip(p.tolist(), k.tolist(), strict=True)
             ]
         )  # fmt: skip
         timesteps = self.timesteps[k.to(self.device)]
         cond = self.cond[p].to(self.device, dtype)
-        uncond = self.uncond.to(self.device, dtype).unsqueeze(0).expand(len(p), -1, -1)
+        uncond = unconditional_batch(self.uncond, p, len(p)).to(self.device, dtype)
         uncond_out, cond_out = predict(
             self.teacher,
             torch.cat([latents, latents]),
@@ -201,8 +201,8 @@ class RecomputedTrajectories:
     @torch.no_grad()
     def clean(self, p: torch.Tensor) -> torch.Tensor:
         return sample_until(
-            self.teacher, self.scheduler, self.noise[p], self.cond[p], self.uncond, self.guidance_scale,
-            self.num_steps,
+            self.teacher, self.scheduler, self.noise[p], self.cond[p], unconditional_batch(self.uncond, p, len(p)),
+            self.guidance_scale, self.num_steps,
         )  # fmt: skip
 
 
@@ -240,7 +240,8 @@ def sample_trajectories(
 ) -> Trajectories:
     """Run guided DDIM (eta 0) from ``noise`` ``[P, C, H, W]`` under ``cond`` ``[P, L, D]`` to the end.
 
-    ``uncond`` is the empty-prompt embedding ``[L, D]``. With ``keep_states`` every intermediate latent and both
+    ``uncond`` is the empty-prompt embedding ``[L, D]``, or one negative-prompt embedding per trajectory
+    ``[P, L, D]``. With ``keep_states`` every intermediate latent and both
     model outputs are kept (on the latents' device); otherwise only ``final`` is filled (the others are empty).
     """
     device = next(unet.parameters()).device
@@ -252,7 +253,7 @@ def sample_trajectories(
         x = noise[start : start + batch_size].to(device, dtype)
         c = cond[start : start + batch_size].to(device, dtype)
         n = x.shape[0]
-        u = uncond.to(device, dtype).unsqueeze(0).expand(n, -1, -1)
+        u = unconditional_batch(uncond, slice(start, start + n), n).to(device, dtype)
         states, outs_c, outs_u = [], [], []
         for t in timesteps:
             out_u, out_c = predict(unet, torch.cat([x, x]), t, torch.cat([u, c])).chunk(2)
@@ -297,11 +298,19 @@ def sample_until(
     dtype = next(unet.parameters()).dtype
     x = noise.to(device, dtype)
     c = cond.to(device, dtype)
-    u = uncond.to(device, dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+    u = unconditional_batch(uncond, slice(None), x.shape[0]).to(device, dtype)
     for t in scheduler.timesteps[:step_index].to(device):
         out_u, out_c = predict(unet, torch.cat([x, x]), t, torch.cat([u, c])).chunk(2)
         x = scheduler.step(guided(out_u, out_c, guidance_scale), t, x, eta=0.0).prev_sample
     return x
+
+
+def unconditional_batch(uncond: torch.Tensor, rows: torch.Tensor | slice, n: int) -> torch.Tensor:
+    """The guidance's unconditional embeddings for ``n`` trajectories: one embedding ``[L, D]`` shared by all
+    (the empty prompt), or per trajectory ``[P, L, D]`` (a negative prompt each), of which ``rows`` are taken."""
+    if uncond.ndim == 2:
+        return uncond.unsqueeze(0).expand(n, -1, -1)
+    return uncond[rows]
 
 
 AnyTrajectories = Trajectories | RecomputedTrajectories

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from erasure.base import RunContext
 from erasure.config import Target
@@ -259,3 +260,72 @@ def test_anchor_prompts_are_the_target_prompts_without_the_target(tmp_path) -> N
     assert to_cinder[0] == "A circle image in Cinder style."
     _, fixed = DoCo._prompt_pairs(ember, sets, DoCoParams(anchor_prompt="a painting"), ctx)
     assert set(fixed) == {"a painting"}
+    forget, others = DoCo._prompt_pairs(ember, sets, DoCoParams(anchor_from="others"), ctx)
+    assert len(forget) == len(others) == len(sets.templates) * len(sets.others) == len(sets.templates) * 11
+    assert forget[:11] == ["A circle image in Ember style."] * 11
+    assert others[:11] == [f"A circle image in {style} style." for style in sets.others]
+    assert all(mentions(f, "Ember") and not mentions(a, "Ember") for f, a in zip(forget, others))
+    with pytest.raises(ValueError, match="other concepts"):
+        DoCo._prompt_pairs(ember, replace(sets, others=[]), DoCoParams(anchor_from="others"), ctx)
+
+
+def test_retain_loss_also_keeps_the_empty_prompts_output(pipeline) -> None:
+    """With ``keep_unconditional: retain`` the retain loss is the mean of the retain prompts' MSE and the empty prompt's
+    MSE at the same states, against the frozen model's outputs kept in the bank; without it, the prompts' alone."""
+    from erasure.forget_data import prompt_trajectories
+    from erasure.methods.doco import DoCo, DoCoParams
+    from erasure.param_sets import train_only
+    from erasure.text_embeddings import PromptEmbeddings
+    from erasure.trajectory import ddim_scheduler, predict
+
+    pipe = copy.deepcopy(pipeline)
+    unet = pipe.unet.requires_grad_(False)
+    prompts = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, RETAIN)
+    scheduler = ddim_scheduler(pipe.scheduler.config, 3, unet.device)
+    bank = prompt_trajectories(unet, scheduler, prompts, 4, 3.0, torch.Generator().manual_seed(0))
+    trained = train_only(unet, unet_parameter_names(unet, "esd-x-strict"))
+    with torch.no_grad():
+        for tensor in trained.values():
+            tensor.add_(0.05 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(1)))
+
+    def retain_loss(keep_empty: bool) -> float:
+        params = DoCoParams(**{**SMALL, "retain_batch": 3, "keep_unconditional": "retain" if keep_empty else "off"})
+        generator = torch.Generator().manual_seed(2)
+        loss, grads = DoCo._retain_gradient(unet, trained, bank, prompts, params, generator)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+        return loss
+
+    latents, timesteps, index, frozen_cond, frozen_uncond = bank.draw(3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        empty = prompts.empty.unsqueeze(0).expand(3, -1, -1)
+        cond_mse = F.mse_loss(predict(unet, latents, timesteps, prompts[index]), frozen_cond)
+        uncond_mse = F.mse_loss(predict(unet, latents, timesteps, empty), frozen_uncond)
+    assert uncond_mse > 0 and not torch.isclose(uncond_mse, cond_mse)
+    assert retain_loss(False) == pytest.approx(cond_mse.item(), rel=1e-5)
+    assert retain_loss(True) == pytest.approx((cond_mse + uncond_mse).item() / 2, rel=1e-5)
+
+
+def test_null_space_keeps_the_empty_prompts_keys_values_and_output(pipeline, tmp_path) -> None:
+    """``keep_unconditional: null_space``: every trained key/value update vanishes on the empty prompt's token
+    states, so the UNet's unconditional output stays put; without it the same run moves that output."""
+    from erasure.text_embeddings import PromptEmbeddings
+    from erasure.trajectory import predict
+
+    empty = PromptEmbeddings(pipeline.tokenizer, pipeline.text_encoder, ["x"]).empty
+    size = pipeline.unet.config.sample_size
+    latents = torch.randn((2, 4, size, size), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = predict(pipeline.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+    drift = {}
+    for keep in ("off", "null_space"):
+        pipe = copy.deepcopy(pipeline)
+        original = snapshot(pipe.unet)
+        result = erase(pipe, tmp_path / keep, keep_unconditional=keep, null_space_tol=1e-6, lr=1e-2)
+        updates = [tensor - original[name] for name, tensor in result.changed["unet"].items()]
+        assert sum(float(u.norm()) for u in updates) > 0
+        on_empty = sum(float((u @ empty.T).norm()) for u in updates) / sum(float(u.norm()) for u in updates)
+        with torch.no_grad():
+            after = predict(pipe.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+        drift[keep] = (on_empty, float((after - before).abs().max()))
+    assert drift["null_space"][0] < 1e-4 < drift["off"][0]
+    assert drift["null_space"][1] < 1e-4 < drift["off"][1]

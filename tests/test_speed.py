@@ -84,13 +84,14 @@ def test_reference_and_optimised_paths_train_the_same_weights(method: str, pipel
     )
 
 
-def test_recomputed_states_equal_the_kept_ones(pipeline) -> None:
+@pytest.mark.parametrize("negatives", [False, True], ids=["empty-prompt", "per-trajectory-negatives"])
+def test_recomputed_states_equal_the_kept_ones(pipeline, negatives: bool) -> None:
     unet = pipeline.unet
     scheduler = ddim_scheduler(pipeline.scheduler.config, 5)
     size, width = unet.config.sample_size, unet.config.cross_attention_dim
     noise = torch.randn((4, 4, size, size), generator=torch.Generator().manual_seed(0))
     cond = torch.randn((4, 6, width), generator=torch.Generator().manual_seed(1))
-    uncond = torch.randn((6, width), generator=torch.Generator().manual_seed(2))
+    uncond = torch.randn(((4,) if negatives else ()) + (6, width), generator=torch.Generator().manual_seed(2))
     index = torch.tensor([0, 1, 0, 1])
     kept = partial_trajectories(unet, scheduler, noise, cond, uncond, 3.0, index, reuse=True)
     recomputed = partial_trajectories(unet, scheduler, noise, cond, uncond, 3.0, index, reuse=False)
@@ -105,6 +106,12 @@ def test_recomputed_states_equal_the_kept_ones(pipeline) -> None:
     draws = [bank.draw(3, torch.Generator().manual_seed(5)) for bank in (kept, recomputed)]
     for a, b in zip(*draws, strict=True):
         torch.testing.assert_close(a, b, **close)
+    if negatives:  # trajectory i is guided away from uncond[i] and no other
+        moved = uncond.clone()
+        moved[1] += 1.0
+        other = partial_trajectories(unet, scheduler, noise, cond, moved, 3.0, index, reuse=True)
+        changed = (other.final - kept.final).flatten(1).abs().amax(1) > 1e-4
+        assert changed.tolist() == [False, True, False, False]
 
 
 @pytest.mark.parametrize("switch", ["attention", "gradient_checkpointing"])

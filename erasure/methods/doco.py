@@ -35,6 +35,14 @@ Our choices, where the studio's pieces replace the reference's data pipeline:
   one, each caption with the target's name dropped ("A circle image in style."; "Ember style" -> "style"), which
   keeps the caption's other concepts (the reference's style anchors are generic "painting" captions), or for
   ``name`` the empty prompt. ``anchor_prompt`` sets one fixed anchor prompt instead.
+* Classifier-free guidance is part of sampling, not of the method: the model is sampled with ``uncond + s (cond -
+  uncond)``, and the trained keys/values serve the empty prompt too. An update that moves the unconditional output
+  comes back ``s - 1`` times amplified, so ``keep_unconditional`` (default ``null_space``) projects every key/value
+  update onto the null space of the empty prompt's token states (:mod:`erasure.null_space`); ``retain`` adds the
+  empty prompt to the retain loss instead.
+* The anchor trajectories are guided away from the paired target prompt (``anchor_negative``), so the anchor
+  domain does not itself hold the target; ``anchor_from: others`` anchors on the other concepts of the target's
+  kind instead of the caption without the name.
 * Constant learning rates (the reference warms the UNet's up over 500 steps), and ``ablation_weight`` (0 =
   reference) optionally adds Concept Ablation's model-based loss ``MSE(eps_theta(x_t, c_target),
   sg[eps*(x_t, c_anchor)])`` to the unlearning loss before the surgery.
@@ -63,6 +71,7 @@ from erasure.forget_data import (
     without_concept,
 )
 from erasure.gradient_surgery import SurgeryForm, SurgeryScope, clip_total_norm, project_conflicting
+from erasure.null_space import NullSpaceProjection
 from erasure.param_sets import ParameterSubset, changed_tensors, train_only, unet_parameter_names
 from erasure.registry import register_method
 from erasure.resume import TrainingCheckpoints, job_fingerprint
@@ -80,7 +89,9 @@ class DoCoParams(MethodParams):
     # on both with IRA >= 0.99 and CRA >= 0.93, 132-146 s on 2 CPU cores. On the world with stage sd_text 800 left
     # Ember at UA 0.50 (Lagoon 1.00); 1600 gave Ember 1.000 / 1.000 / 0.942 (UA / IRA / CRA) in 218 s and Lagoon
     # 1.000 / 0.991 / 0.933 in 231 s, alone on a 2-core AMD EPYC (Zen 4) (docs/leaderboard/README.md, 2026-12-07),
-    # but Ink UA 0.00 and Mosaic 0.50 even at 1600.
+    # but Ink UA 0.00 and Mosaic 0.50 even at 1600. With keep_unconditional and anchor_negative (2026-12-07, later):
+    # Ink 0.400 / 0.991 / 0.950 (208 s alone), Mosaic 0.700 / 1.000 / 0.950, Ember 1.000 / 1.000 / 0.917, Lagoon
+    # 1.000 / 1.000 / 0.917; 3200 steps took Ink to 0.700 with CRA 0.875 and FID 108.
     iterations: int = Field(
         1600, ge=1, description="Training steps, discriminator warm-up included. Reference: 2000."
     )
@@ -119,6 +130,22 @@ class DoCoParams(MethodParams):
         description="Apply the rule per parameter tensor (reference) or to all as one vector (global).",
     )
     surgery_strength: float = Field(1.0, ge=0, description="lambda of the correction. Reference: 1.")
+    keep_unconditional: Literal["null_space", "retain", "off"] = Field(
+        "null_space",
+        description="Ours: keep the empty prompt's output, which classifier-free guidance, uncond + s (cond - "
+        "uncond), amplifies the drift of. null_space = every key/value update is projected onto the null space "
+        "of the empty prompt's token states (erasure/null_space.py), so that output stays as it was; retain = "
+        "the retain loss also covers the empty prompt at the retain states; off = reference. Without it "
+        "MiniSD's erased Ink prompt matched the anchor's conditional output to 1/150 of the original gap yet "
+        "still drew Ink at guidance 5.",
+    )
+    null_space_tol: float = Field(
+        1e-2,
+        gt=0,
+        lt=1,
+        description="keep_unconditional=null_space: token-state directions with singular value above this "
+        "fraction of the largest are kept fixed.",
+    )
     retain_weight: float = Field(
         0.0,
         ge=0,
@@ -146,6 +173,13 @@ class DoCoParams(MethodParams):
         description="DDIM steps of those trajectories; x_t is drawn uniformly among their states. Reference: "
         "t ~ U{0..999} on noised anchor images; MiniCanvas samples with 25 steps.",
     )
+    anchor_negative: bool = Field(
+        True,
+        description="Ours: the anchor trajectories are guided away from the paired target prompt (its negative "
+        "prompt) instead of the empty prompt, so the anchor domain does not hold the target. MiniSD draws "
+        "'A circle image in style.' as Mosaic in 9 of 40 samples (guidance 3), none with 'Mosaic' as the "
+        "negative prompt. Reference: anchor images generated without one.",
+    )
     trajectories: int = Field(
         32, ge=1, description="Anchor trajectories sampled up front. Reference: 1000 anchor images."
     )
@@ -162,8 +196,16 @@ class DoCoParams(MethodParams):
     )
     anchor_prompt: str | None = Field(
         None,
-        description="A fixed anchor prompt. Default: the job's anchor in the target's templates, else the empty "
-        "prompt. Reference: generic captions of the anchor concept ('painting' captions for styles).",
+        description="A fixed anchor prompt. Default: the job's anchor in the target's templates, else what "
+        "anchor_from says. Reference: generic captions of the anchor concept ('painting' captions for styles).",
+    )
+    anchor_from: Literal["caption", "others"] = Field(
+        "caption",
+        description="Ours, without a job anchor or anchor_prompt: 'caption' = each target caption with the "
+        "target's name dropped ('A circle image in style.'; the empty prompt for forget_prompts=name); 'others' "
+        "= the same caption with each other concept of the target's kind (MiniCanvas prompts), so the anchor "
+        "domain is the other concepts' images. MiniSD draws 'A circle image in style.' mostly as Comic, Mosaic "
+        "and Ember.",
     )
     retain_prompts: list[str] = Field(
         default_factory=lambda: list(COCO_RETAIN_PROMPTS),
@@ -276,8 +318,9 @@ class DoCo(ErasureMethod):
         # The frozen model's trajectories: kept, or (reference path) recomputed by a frozen copy when drawn.
         frozen = unet if ctx.speed.reuse else copy.deepcopy(unet)
         bank = prompt_trajectories(
-            frozen, scheduler, anchor_emb, params.trajectories, params.start_guidance, setup, ctx.speed.reuse
-        )
+            frozen, scheduler, anchor_emb, params.trajectories, params.start_guidance, setup, ctx.speed.reuse,
+            negative=forget_emb if params.anchor_negative else None,
+        )  # fmt: skip
         retain_bank = None
         if params.retain_batch > 0:
             retain_bank = prompt_trajectories(
@@ -299,6 +342,8 @@ class DoCo(ErasureMethod):
         trained = train_only(unet, unet_parameter_names(unet, "esd-x-strict"))
         names = list(trained)
         optimizer = torch.optim.Adam(trained.values(), lr=params.lr)
+        keep = self._null_space(trained, forget_emb, params)
+        originals = {name: tensor.detach().clone() for name, tensor in trained.items()} if keep else {}
         generator = torch.Generator().manual_seed(ctx.seed + 1)
         history: dict[str, list[float]] = {"d_loss": [], "g_loss": [], "retain_loss": [], "projected": []}
         checkpoints = TrainingCheckpoints(
@@ -346,6 +391,9 @@ class DoCo(ErasureMethod):
                 for name, grad in zip(names, g_u):
                     trained[name].grad = None if grad is None else grad.to(trained[name].dtype)
                 optimizer.step()
+                if keep is not None:
+                    for name, tensor in trained.items():
+                        keep.project_update(tensor, originals[name])
                 fake = fake.detach()
                 scalars["g_loss"] = g_loss.item()
             else:
@@ -374,6 +422,17 @@ class DoCo(ErasureMethod):
     # ------------------------------------------------------------------------------------------------- pieces
 
     @staticmethod
+    def _null_space(trained, prompts: PromptEmbeddings, params: DoCoParams) -> NullSpaceProjection | None:
+        """The projection that keeps the empty prompt's keys and values (``keep_unconditional: null_space``)."""
+        if params.keep_unconditional != "null_space":
+            return None
+        keys = prompts.empty.float()
+        for name, tensor in trained.items():
+            if tensor.ndim != 2 or tensor.shape[1] != keys.shape[1]:
+                raise ValueError(f"{name} {tuple(tensor.shape)} does not read the text states ({keys.shape[1]} wide)")
+        return NullSpaceProjection(keys, params.null_space_tol)
+
+    @staticmethod
     def _prompt_pairs(
         target: Target, sets, params: DoCoParams, ctx: RunContext
     ) -> tuple[list[str], list[str]]:
@@ -387,6 +446,11 @@ class DoCo(ErasureMethod):
             anchored = [params.anchor_prompt] * len(forget)
         elif ctx.anchor is not None:
             anchored = [t.replace("{concept}", ctx.anchor.name) for t in templates]
+        elif params.anchor_from == "others":
+            if not sets.others:
+                raise ValueError("anchor_from 'others' needs the other concepts of the target's kind (MiniCanvas)")
+            forget = [f for f in forget for _ in sets.others]
+            anchored = [t.replace("{concept}", other) for t in templates for other in sets.others]
         elif params.forget_prompts == "captions":
             anchored = [without_concept(t) for t in templates]
         else:
@@ -395,9 +459,15 @@ class DoCo(ErasureMethod):
 
     @staticmethod
     def _retain_gradient(unet, trained, bank: AnyTrajectories, prompts: PromptEmbeddings, params, generator):
-        """Model-based prior preservation on retain states: ``MSE(eps_theta(x_r, c_r), sg[eps*(x_r, c_r)])``."""
-        latents, timesteps, index, frozen_out, _ = bank.draw(params.retain_batch, generator)
-        out = predict(unet, latents, timesteps, prompts[index.to(prompts.embeddings.device)])
+        """Model-based prior preservation on retain states: ``MSE(eps_theta(x_r, c_r), sg[eps*(x_r, c_r)])``, and
+        with ``keep_unconditional: retain`` the same for the empty prompt at those states."""
+        latents, timesteps, index, frozen_out, frozen_uncond = bank.draw(params.retain_batch, generator)
+        cond = prompts[index.to(prompts.embeddings.device)]
+        if params.keep_unconditional == "retain":
+            empty = prompts.empty.to(cond.device, cond.dtype).unsqueeze(0).expand_as(cond)
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+            cond, frozen_out = torch.cat([cond, empty]), torch.cat([frozen_out, frozen_uncond])
+        out = predict(unet, latents, timesteps, cond)
         loss = F.mse_loss(out, frozen_out)
         grads = torch.autograd.grad(loss, list(trained.values()), allow_unused=True)
         return loss.item(), list(grads)

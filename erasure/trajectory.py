@@ -74,7 +74,8 @@ class Trajectories:
 
     ``latents[p, k]`` is trajectory ``p`` at noise level ``timesteps[k]`` (``k = 0``: the start noise), i.e. the
     partial DDIM sample for step index ``k``; ``cond_out[p, k]`` / ``uncond_out[p, k]`` are the model's outputs
-    there under the trajectory's prompt (``prompt_index[p]``) and under the empty prompt. ``final`` is the clean
+    there under the trajectory's prompt (``prompt_index[p]``) and under the guidance's unconditional embedding (the
+    empty prompt, or the trajectory's negative prompt). ``final`` is the clean
     latent each trajectory ends at.
     """
 

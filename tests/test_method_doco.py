@@ -329,3 +329,17 @@ def test_null_space_keeps_the_empty_prompts_keys_values_and_output(pipeline, tmp
         drift[keep] = (on_empty, float((after - before).abs().max()))
     assert drift["null_space"][0] < 1e-4 < drift["off"][0]
     assert drift["null_space"][1] < 1e-4 < drift["off"][1]
+
+
+def test_yaml_off_means_off_for_the_switches() -> None:
+    """``surgery: off`` and ``keep_unconditional: off`` in YAML arrive as false; both read as "off", other values
+    are still checked."""
+    import yaml
+    from pydantic import ValidationError
+
+    from erasure.methods.doco import DoCoParams
+
+    params = DoCoParams(**yaml.safe_load("surgery: off\nkeep_unconditional: off\n"))
+    assert (params.surgery, params.keep_unconditional) == ("off", "off")
+    with pytest.raises(ValidationError, match="keep_unconditional"):
+        DoCoParams(keep_unconditional=True)

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from erasure.base import ErasureMethod, ErasureResult, MethodParams, RunContext
@@ -218,6 +218,13 @@ class DoCoParams(MethodParams):
         "MiniCanvas captions (retain: the other concepts of the target's kind); 'auto' = minicanvas on the "
         "MiniCanvas world, else target.",
     )
+
+
+    @field_validator("surgery", "keep_unconditional", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        """YAML reads a bare ``off`` as false; for these fields it means "off"."""
+        return "off" if value is False else value
 
 
 class PatchDiscriminator(nn.Module):

@@ -219,7 +219,6 @@ class DoCoParams(MethodParams):
         "MiniCanvas world, else target.",
     )
 
-
     @field_validator("surgery", "keep_unconditional", mode="before")
     @classmethod
     def _yaml_off(cls, value):

@@ -384,9 +384,9 @@ def optimize_prefix_tokens_batch(
     (``generators[i]``: its token draws and noise, in the same order), its own loss (the sum of the prompts' losses
     is differentiated, and no prompt's loss depends on another's prefix) and its own stop. Only the text encoder and
     UNet passes are shared, one batch of the prompts still running per step: on 2 CPU cores MiniSD's forward and
-    backward pass cost about 13 ms per prompt at five prompts against 40 ms for one. Results can differ from attacking the prompts
-    one by one in the last bits of a batched convolution, never in what is computed. ``on_finish(i, result)`` is
-    called as each prompt's attack ends (its success, or the end of the budget).
+    backward pass cost about 13 ms per prompt at five prompts against 40 ms for one. Results can differ from
+    attacking the prompts one by one in the last bits of a batched convolution, never in what is computed.
+    ``on_finish(i, result)`` is called as each prompt's attack ends (its success, or the end of the budget).
     """
     if len(target_latents) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(target_latents)} target latents")

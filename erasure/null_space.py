@@ -38,3 +38,37 @@ class NullSpaceProjection:
             complement = self.complement.to(weight.device, torch.float32)
             update = (weight.float() - original.float()) @ complement
             weight.copy_((original.float() + update).to(weight.dtype))
+
+
+class KeptInputs:
+    """Keeps the outputs of trained text-reading weights on given inputs across training.
+
+    ``trained`` maps names to linear weights ``[d_out, d_in]`` that read ``d_in``-wide inputs (a cross-attention's
+    ``to_k``/``to_v``, which read the text encoder's token states); ``keys`` ``[m, d_in]`` are the inputs whose
+    outputs must not move (e.g. the empty prompt's token states, the unconditional branch of classifier-free
+    guidance). Build it before training starts (and before a checkpoint is resumed): it records the weights as
+    they are then and, after every optimiser step, :meth:`project` takes each weight's accumulated update onto the
+    null space of ``keys``.
+    """
+
+    def __init__(self, trained: dict[str, torch.Tensor], keys: torch.Tensor, rel_tol: float) -> None:
+        keys = keys.detach().float()
+        for name, tensor in trained.items():
+            if tensor.ndim != 2 or tensor.shape[1] != keys.shape[-1]:
+                raise ValueError(
+                    f"{name} {tuple(tensor.shape)} does not read the {keys.shape[-1]}-wide inputs whose outputs are "
+                    "kept; train only the weights that read them (e.g. train_method esd-x-strict: attn2 to_k/to_v)"
+                )
+        self.projection = NullSpaceProjection(keys, rel_tol)
+        self.trained = trained
+        self.originals = {name: tensor.detach().clone() for name, tensor in trained.items()}
+
+    @property
+    def rank(self) -> int:
+        """Input directions held fixed."""
+        return self.projection.rank
+
+    def project(self) -> None:
+        """In place, every trained weight: ``W <- W0 + (W - W0)(I - V V^T)``."""
+        for name, tensor in self.trained.items():
+            self.projection.project_update(tensor, self.originals[name])

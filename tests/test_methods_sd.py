@@ -14,6 +14,7 @@ import torch
 from erasure.base import ErasureResult, RunContext
 from erasure.config import Target, load_job_config
 from erasure.losses import denoising_target, esd_loss, esd_target
+from erasure.null_space import KeptInputs
 from erasure.param_sets import is_cross_attention, unet_parameter_names
 from erasure.registry import get_method
 from erasure.saliency import mask_gradients, top_fraction_mask
@@ -456,6 +457,69 @@ def test_advunlearn_changes_only_text_encoder_layers(pipelines, tmp_path) -> Non
         n.removeprefix("text_model.").startswith(("encoder.layers.", "final_layer_norm.")) for n in moved
     )
     assert result.metrics["attack_rounds"] == 1.0  # one step of warm-up, then one attacked step
+
+
+@pytest.mark.parametrize("sampler", ["frozen", "current"])
+def test_esd_null_space_option_keeps_the_unconditional_output(pipelines, tmp_path, sampler) -> None:
+    """``keep_unconditional: null_space`` (with esd-x-strict): the keys/values move, but not on the empty prompt's
+    token states, so the UNet's unconditional output stays put; the same run without it moves that output."""
+    from erasure.text_embeddings import PromptEmbeddings
+    from erasure.trajectory import predict
+
+    base = pipelines["sd15"]
+    empty = PromptEmbeddings(base.tokenizer, base.text_encoder, ["x"]).empty
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = predict(base.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+    drift = {}
+    for keep in ("off", "null_space"):
+        pipe = copy.deepcopy(base)
+        original = snapshot(pipe.unet)
+        result = run(
+            "esd", pipe, tmp_path / keep, sampler=sampler, train_method="esd-x-strict", keep_unconditional=keep,
+            null_space_tol=1e-6, lr=1e-2, iterations=3,
+        )  # fmt: skip
+        updates = [tensor - original[name] for name, tensor in result.changed["unet"].items()]
+        total = sum(float(u.norm()) for u in updates)
+        assert total > 0
+        with torch.no_grad():
+            after = predict(pipe.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+        on_empty = sum(float((u @ empty.T).norm()) for u in updates) / total
+        drift[keep] = (on_empty, float((after - before).abs().max()))
+    assert drift["null_space"][0] < 1e-4 < drift["off"][0]
+    assert drift["null_space"][1] < 1e-4 < drift["off"][1]
+
+
+def test_esd_retain_option_holds_the_unconditional_output_back(pipelines, tmp_path) -> None:
+    """``keep_unconditional: retain`` adds the empty prompt's MSE to the frozen output at the same states: with a
+    large weight the unconditional output moves much less than in the same run without it."""
+    from erasure.text_embeddings import PromptEmbeddings
+    from erasure.trajectory import predict
+
+    base = pipelines["sd15"]
+    empty = PromptEmbeddings(base.tokenizer, base.text_encoder, ["x"]).empty
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = predict(base.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+    drift = {}
+    for keep in ("off", "retain"):
+        pipe = copy.deepcopy(base)
+        params = {"keep_unconditional": keep, "unconditional_weight": 100.0, "lr": 1e-3, "iterations": 6}
+        run("esd", pipe, tmp_path / keep, **params)
+        with torch.no_grad():
+            after = predict(pipe.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+        drift[keep] = float((after - before).pow(2).mean())
+    assert 0 < drift["retain"] < drift["off"] / 4
+
+
+def test_esd_null_space_option_refuses_weights_that_do_not_read_the_text(pipelines) -> None:
+    """esd-x also trains to_q/to_out, which read the image features: keeping the empty prompt's output by a
+    projection of the text inputs cannot hold there, so the params are refused before any work."""
+    with pytest.raises(ValueError, match="esd-x-strict"):
+        get_method("esd").Params(keep_unconditional="null_space", train_method="esd-x")
+    with pytest.raises(ValueError, match="does not read"):  # the shared piece checks the weights' shapes too
+        KeptInputs(dict(copy.deepcopy(pipelines["sd15"].unet).named_parameters()), torch.zeros(3, 16), 1e-2)
+    assert get_method("esd").Params(keep_unconditional=False).keep_unconditional == "off"
 
 
 @pytest.mark.parametrize("sampler", ["frozen", "current"])

@@ -71,7 +71,7 @@ from erasure.forget_data import (
     without_concept,
 )
 from erasure.gradient_surgery import SurgeryForm, SurgeryScope, clip_total_norm, project_conflicting
-from erasure.null_space import NullSpaceProjection
+from erasure.null_space import KeptInputs
 from erasure.param_sets import ParameterSubset, changed_tensors, train_only, unet_parameter_names
 from erasure.registry import register_method
 from erasure.resume import TrainingCheckpoints, job_fingerprint
@@ -348,8 +348,11 @@ class DoCo(ErasureMethod):
         trained = train_only(unet, unet_parameter_names(unet, "esd-x-strict"))
         names = list(trained)
         optimizer = torch.optim.Adam(trained.values(), lr=params.lr)
-        keep = self._null_space(trained, forget_emb, params)
-        originals = {name: tensor.detach().clone() for name, tensor in trained.items()} if keep else {}
+        keep = (
+            KeptInputs(trained, forget_emb.empty, params.null_space_tol)
+            if params.keep_unconditional == "null_space"
+            else None
+        )
         generator = torch.Generator().manual_seed(ctx.seed + 1)
         history: dict[str, list[float]] = {"d_loss": [], "g_loss": [], "retain_loss": [], "projected": []}
         checkpoints = TrainingCheckpoints(
@@ -398,8 +401,7 @@ class DoCo(ErasureMethod):
                     trained[name].grad = None if grad is None else grad.to(trained[name].dtype)
                 optimizer.step()
                 if keep is not None:
-                    for name, tensor in trained.items():
-                        keep.project_update(tensor, originals[name])
+                    keep.project()
                 fake = fake.detach()
                 scalars["g_loss"] = g_loss.item()
             else:
@@ -426,17 +428,6 @@ class DoCo(ErasureMethod):
         return ErasureResult(changed={"unet": changed_tensors(trained)}, metrics=metrics)
 
     # ------------------------------------------------------------------------------------------------- pieces
-
-    @staticmethod
-    def _null_space(trained, prompts: PromptEmbeddings, params: DoCoParams) -> NullSpaceProjection | None:
-        """The projection that keeps the empty prompt's keys and values (``keep_unconditional: null_space``)."""
-        if params.keep_unconditional != "null_space":
-            return None
-        keys = prompts.empty.float()
-        for name, tensor in trained.items():
-            if tensor.ndim != 2 or tensor.shape[1] != keys.shape[1]:
-                raise ValueError(f"{name} {tuple(tensor.shape)} does not read the text states ({keys.shape[1]} wide)")
-        return NullSpaceProjection(keys, params.null_space_tol)
 
     @staticmethod
     def _prompt_pairs(

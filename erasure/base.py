@@ -47,6 +47,13 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def yaml_off(value: Any) -> Any:
+    """For a switch field whose choices include "off": YAML reads a bare ``off`` as false, which means "off".
+
+    Use as ``_off = field_validator("name", mode="before")(yaml_off)`` in a ``Params`` model."""
+    return "off" if value is False else value
+
+
 ProgressFn = Callable[..., None]
 """``progress(step, total, **scalars)``: report that ``step`` of ``total`` steps are done, with e.g. ``loss=0.1``."""
 

@@ -15,7 +15,21 @@ largest. Smaller values keep the outputs more exactly and leave the edit fewer d
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
+
+NullSpaceTolerance = Annotated[
+    float,
+    Field(
+        gt=0,
+        lt=1,
+        description="keep_unconditional=null_space: token-state directions with singular value above this "
+        "fraction of the largest are kept fixed.",
+    ),
+]
+"""A method parameter: :class:`NullSpaceProjection`'s ``rel_tol`` for the empty prompt's token states."""
 
 
 class NullSpaceProjection:

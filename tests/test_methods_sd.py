@@ -463,14 +463,11 @@ def test_advunlearn_changes_only_text_encoder_layers(pipelines, tmp_path) -> Non
 def test_esd_null_space_option_keeps_the_unconditional_output(pipelines, tmp_path, sampler) -> None:
     """``keep_unconditional: null_space`` (with esd-x-strict): the keys/values move, but not on the empty prompt's
     token states, so the UNet's unconditional output stays put; the same run without it moves that output."""
-    from erasure.text_embeddings import PromptEmbeddings
-    from erasure.trajectory import predict
+    from tiny_sd import empty_states, unconditional_output
 
     base = pipelines["sd15"]
-    empty = PromptEmbeddings(base.tokenizer, base.text_encoder, ["x"]).empty
-    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        before = predict(base.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+    empty = empty_states(base)
+    before = unconditional_output(base.unet, empty)
     drift = {}
     for keep in ("off", "null_space"):
         pipe = copy.deepcopy(base)
@@ -482,8 +479,7 @@ def test_esd_null_space_option_keeps_the_unconditional_output(pipelines, tmp_pat
         updates = [tensor - original[name] for name, tensor in result.changed["unet"].items()]
         total = sum(float(u.norm()) for u in updates)
         assert total > 0
-        with torch.no_grad():
-            after = predict(pipe.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+        after = unconditional_output(pipe.unet, empty)
         on_empty = sum(float((u @ empty.T).norm()) for u in updates) / total
         drift[keep] = (on_empty, float((after - before).abs().max()))
     assert drift["null_space"][0] < 1e-4 < drift["off"][0]
@@ -493,21 +489,17 @@ def test_esd_null_space_option_keeps_the_unconditional_output(pipelines, tmp_pat
 def test_esd_retain_option_holds_the_unconditional_output_back(pipelines, tmp_path) -> None:
     """``keep_unconditional: retain`` adds the empty prompt's MSE to the frozen output at the same states: with a
     large weight the unconditional output moves much less than in the same run without it."""
-    from erasure.text_embeddings import PromptEmbeddings
-    from erasure.trajectory import predict
+    from tiny_sd import empty_states, unconditional_output
 
     base = pipelines["sd15"]
-    empty = PromptEmbeddings(base.tokenizer, base.text_encoder, ["x"]).empty
-    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        before = predict(base.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+    empty = empty_states(base)
+    before = unconditional_output(base.unet, empty)
     drift = {}
     for keep in ("off", "retain"):
         pipe = copy.deepcopy(base)
         params = {"keep_unconditional": keep, "unconditional_weight": 100.0, "lr": 1e-3, "iterations": 6}
         run("esd", pipe, tmp_path / keep, **params)
-        with torch.no_grad():
-            after = predict(pipe.unet, latents, torch.tensor(500), empty.expand(2, -1, -1))
+        after = unconditional_output(pipe.unet, empty)
         drift[keep] = float((after - before).pow(2).mean())
     assert 0 < drift["retain"] < drift["off"] / 4
 

@@ -91,3 +91,21 @@ def build_tiny_pipeline(folder: Path) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def empty_states(pipe) -> torch.Tensor:
+    """The pipeline's empty-prompt token states ``[L, D]`` (the unconditional branch of classifier-free guidance)."""
+    from erasure.text_embeddings import PromptEmbeddings
+
+    return PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, ["x"]).empty
+
+
+def unconditional_output(unet, empty: torch.Tensor) -> torch.Tensor:
+    """``unet``'s output for the empty prompt on two fixed latents at t = 500."""
+    from erasure.trajectory import predict
+
+    size = unet.config.sample_size
+    shape = (2, unet.config.in_channels, size, size)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return predict(unet, latents, torch.tensor(500), empty.expand(2, -1, -1))

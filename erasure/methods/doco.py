@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from erasure.base import ErasureMethod, ErasureResult, MethodParams, RunContext
+from erasure.base import ErasureMethod, ErasureResult, MethodParams, RunContext, yaml_off
 from erasure.forget_data import (
     COCO_RETAIN_PROMPTS,
     PromptSource,
@@ -71,7 +71,7 @@ from erasure.forget_data import (
     without_concept,
 )
 from erasure.gradient_surgery import SurgeryForm, SurgeryScope, clip_total_norm, project_conflicting
-from erasure.null_space import KeptInputs
+from erasure.null_space import KeptInputs, NullSpaceTolerance
 from erasure.param_sets import ParameterSubset, changed_tensors, train_only, unet_parameter_names
 from erasure.registry import register_method
 from erasure.resume import TrainingCheckpoints, job_fingerprint
@@ -139,13 +139,7 @@ class DoCoParams(MethodParams):
         "MiniSD's erased Ink prompt matched the anchor's conditional output to 1/150 of the original gap yet "
         "still drew Ink at guidance 5.",
     )
-    null_space_tol: float = Field(
-        1e-2,
-        gt=0,
-        lt=1,
-        description="keep_unconditional=null_space: token-state directions with singular value above this "
-        "fraction of the largest are kept fixed.",
-    )
+    null_space_tol: NullSpaceTolerance = 1e-2
     retain_weight: float = Field(
         0.0,
         ge=0,
@@ -219,11 +213,7 @@ class DoCoParams(MethodParams):
         "MiniCanvas world, else target.",
     )
 
-    @field_validator("surgery", "keep_unconditional", mode="before")
-    @classmethod
-    def _yaml_off(cls, value):
-        """YAML reads a bare ``off`` as false; for these fields it means "off"."""
-        return "off" if value is False else value
+    _yaml_off = field_validator("surgery", "keep_unconditional", mode="before")(yaml_off)
 
 
 class PatchDiscriminator(nn.Module):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from erasure.base import ErasureMethod, ErasureResult, MethodParams, RunContext
+from erasure.base import ErasureMethod, ErasureResult, MethodParams, RunContext, yaml_off
 from erasure.forget_data import (
     EsdReference,
     PromptSource,
@@ -52,7 +52,7 @@ from erasure.forget_data import (
     resolve_prompt_source,
 )
 from erasure.losses import esd_loss
-from erasure.null_space import KeptInputs
+from erasure.null_space import KeptInputs, NullSpaceTolerance
 from erasure.param_sets import (
     ParameterSubset,
     UnetParamSet,
@@ -141,19 +141,9 @@ class ESDParams(MethodParams):
     unconditional_weight: float = Field(
         1.0, gt=0, description="keep_unconditional=retain: weight of the empty prompt's MSE term."
     )
-    null_space_tol: float = Field(
-        1e-2,
-        gt=0,
-        lt=1,
-        description="keep_unconditional=null_space: token-state directions with singular value above this "
-        "fraction of the largest are kept fixed.",
-    )
+    null_space_tol: NullSpaceTolerance = 1e-2
 
-    @field_validator("keep_unconditional", mode="before")
-    @classmethod
-    def _yaml_off(cls, value):
-        """YAML reads a bare ``off`` as false; here it means "off"."""
-        return "off" if value is False else value
+    _yaml_off = field_validator("keep_unconditional", mode="before")(yaml_off)
 
     @model_validator(mode="after")
     def _null_space_needs_keys_and_values_only(self):

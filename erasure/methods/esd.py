@@ -135,8 +135,8 @@ class ESDParams(MethodParams):
         "uncond)) amplifies the drift of. null_space = every key/value update is projected onto the null space "
         "of the empty prompt's token states (erasure/null_space.py), so that output stays as it was (up to the "
         "directions null_space_tol leaves free); needs train_method esd-x-strict (only attn2 to_k/to_v read the "
-        "text). retain = the loss adds "
-        "unconditional_weight x MSE(eps_theta(x_t, 0), sg[eps*(x_t, 0)]) at the same states. off = reference.",
+        "text). retain = the loss adds unconditional_weight x MSE(eps_theta(x_t, 0), sg[eps*(x_t, 0)]) at the "
+        "same states. off = reference.",
     )
     unconditional_weight: float = Field(
         1.0, gt=0, description="keep_unconditional=retain: weight of the empty prompt's MSE term."

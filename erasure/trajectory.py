@@ -75,8 +75,7 @@ class Trajectories:
     ``latents[p, k]`` is trajectory ``p`` at noise level ``timesteps[k]`` (``k = 0``: the start noise), i.e. the
     partial DDIM sample for step index ``k``; ``cond_out[p, k]`` / ``uncond_out[p, k]`` are the model's outputs
     there under the trajectory's prompt (``prompt_index[p]``) and under the guidance's unconditional embedding (the
-    empty prompt, or the trajectory's negative prompt). ``final`` is the clean
-    latent each trajectory ends at.
+    empty prompt, or the trajectory's negative prompt). ``final`` is the clean latent each trajectory ends at.
     """
 
     latents: torch.Tensor
@@ -242,8 +241,8 @@ def sample_trajectories(
     """Run guided DDIM (eta 0) from ``noise`` ``[P, C, H, W]`` under ``cond`` ``[P, L, D]`` to the end.
 
     ``uncond`` is the empty-prompt embedding ``[L, D]``, or one negative-prompt embedding per trajectory
-    ``[P, L, D]``. With ``keep_states`` every intermediate latent and both
-    model outputs are kept (on the latents' device); otherwise only ``final`` is filled (the others are empty).
+    ``[P, L, D]``. With ``keep_states`` every intermediate latent and both model outputs are kept (on the latents'
+    device); otherwise only ``final`` is filled (the others are empty).
     """
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype

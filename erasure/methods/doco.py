@@ -451,7 +451,7 @@ class DoCo(ErasureMethod):
         latents, timesteps, index, frozen_out, frozen_uncond = bank.draw(params.retain_batch, generator)
         cond = prompts[index.to(prompts.embeddings.device)]
         if params.keep_unconditional == "retain":
-            empty = prompts.empty.to(cond.device, cond.dtype).unsqueeze(0).expand_as(cond)
+            empty = prompts.uncond(len(cond)).to(cond)
             latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
             cond, frozen_out = torch.cat([cond, empty]), torch.cat([frozen_out, frozen_uncond])
         out = predict(unet, latents, timesteps, cond)

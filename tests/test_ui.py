@@ -559,6 +559,37 @@ def test_two_users_at_once(app_server: Any, tmp_path: Path) -> None:
     assert httpx.get(app_server.url, timeout=60).status_code == 200  # still serving
 
 
+def test_equal_images_of_concurrent_comparisons_are_separate_files(app_server: Any, client: Any) -> None:
+    # Gradio writes a returned PIL image in place to a path named by its bytes: two requests showing the same
+    # image would write one file at once and a client could be served a truncated copy. The handlers return
+    # files of their own per request instead (gradio copies those atomically).
+    _, _, _, run = erase(client)
+    studio = app_server.studio
+    first, second = (studio.compare(run, 1, ["Cinder"], "", 2, 5.0, 0) for _ in range(2))
+    first_files = [first[0][0], first[0][1]] + [path for path, _ in first[1] + first[2]]
+    second_files = [second[0][0], second[0][1]] + [path for path, _ in second[1] + second[2]]
+    assert all(isinstance(path, str) for path in first_files + second_files)
+    assert not set(first_files) & set(second_files)
+    assert all(Path(path).parent.parent == studio.images.root for path in first_files + second_files)
+    for a, b in zip(first_files, second_files):
+        assert Path(a).read_bytes() == Path(b).read_bytes()  # same seed, same images
+
+
+def test_image_folders_are_pruned_by_age_and_removed_on_close() -> None:
+    from ui.image_files import ImageFiles
+
+    images = ImageFiles(max_age_s=60)
+    try:
+        old, recent = images.new_folder(), images.new_folder()
+        (old / "a.png").write_bytes(b"x")
+        os.utime(old, (time.time() - 120, time.time() - 120))
+        newest = images.new_folder()
+        assert not old.exists() and recent.is_dir() and newest.is_dir()
+    finally:
+        images.close()
+    assert not images.root.exists()
+
+
 # ---------------------------------------------------------------------------------------- the command line
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from erasure.errors import UserError
 from erasure.runs import read_run_weights
 from generators.registry import Backbone, resolve_backbone
+from ui.image_files import save_png
 from ui.models import ModelPool, Sampling
 from ui.prompts import Item, latent_items, minicanvas_items, retained_choices, text_items
 from ui.run_index import RunInfo
@@ -230,18 +232,12 @@ def _judge_rows(
     return rows
 
 
-def to_pil(image: torch.Tensor):
-    """A ``[3, H, W]`` image in ``[-1, 1]`` as an RGB PIL image (lossless when saved as PNG)."""
-    from PIL import Image
-
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
-def gallery_items(pairs: list[Pair]) -> list[tuple[object, str]]:
-    """Before and after of each pair side by side: ``before · caption``, ``after · caption``, …"""
-    out: list[tuple[object, str]] = []
-    for pair in pairs:
-        out.append((to_pil(pair.before), f"before · {pair.item.caption}"))
-        out.append((to_pil(pair.after), f"after · {pair.item.caption}"))
+def gallery_items(pairs: list[Pair], folder: Path, prefix: str) -> list[tuple[str, str]]:
+    """Before and after of each pair side by side: ``before · caption``, ``after · caption``, … as PNG files in
+    ``folder`` (see :mod:`ui.image_files` for why files and not images)."""
+    out: list[tuple[str, str]] = []
+    for index, pair in enumerate(pairs):
+        for when, image in (("before", pair.before), ("after", pair.after)):
+            path = save_png(image, folder / f"{prefix}-{index}-{when}.png")
+            out.append((path, f"{when} · {pair.item.caption}"))
     return out

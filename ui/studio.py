@@ -25,6 +25,7 @@ from erasure.yamlfile import dump_yaml
 from generators.minicanvas.world import SD_GUIDANCE, SD_STEPS
 from ui import compare as comparing
 from ui.backbones import BackboneChoiceError, list_choices, resolve_choice
+from ui.image_files import ImageFiles, save_png
 from ui.job_request import build_job_request, methods_for
 from ui.jobs import JobManager
 from ui.leaderboard import leaderboard
@@ -109,6 +110,8 @@ class Studio:
         self.limits = settings.limits
         self.jobs = JobManager(self.limits.max_running_jobs, self.limits.max_job_seconds)
         self.pool = ModelPool(resolve_device(settings.device))
+        self.images = ImageFiles()
+        """Where comparisons write the images they return (one folder per request)."""
         self.param_index: list[tuple[str, FieldSpec]] = []
         """(method, field) of every parameter widget, in the order the form passes their values (set by the app)."""
 
@@ -225,12 +228,20 @@ class Studio:
         )
         result = comparing.compare(run, request, self.pool)
         first = result.target[0] if result.target else (result.retained[0] if result.retained else None)
-        slider = (comparing.to_pil(first.before), comparing.to_pil(first.after)) if first else None
+        folder = self.images.new_folder()
+        slider = (
+            (
+                save_png(first.before, folder / "slider-before.png"),
+                save_png(first.after, folder / "slider-after.png"),
+            )
+            if first
+            else None
+        )
         note = result.note or f"Run {run.name}: {run.method} erased {run.target} from {run.backbone}."
         return (
             slider,
-            comparing.gallery_items(result.target),
-            comparing.gallery_items(result.retained),
+            comparing.gallery_items(result.target, folder, "target"),
+            comparing.gallery_items(result.retained, folder, "retained"),
             frame(comparing.JUDGE_COLUMNS, result.judge_rows),
             frame(["metric", "value"], metrics_rows(run)),
             note,
@@ -323,8 +334,10 @@ class Studio:
         )
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancel running jobs and wait for them to clean up (their partial run folders are removed)."""
+        """Cancel running jobs and wait for them to clean up (their partial run folders are removed); remove the
+        comparisons' image files."""
         self.jobs.cancel_all()
         deadline = time.monotonic() + timeout
         for state in self.jobs.running():
             state.done.wait(max(0.0, deadline - time.monotonic()))
+        self.images.close()

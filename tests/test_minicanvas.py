@@ -270,6 +270,9 @@ def test_world_build_and_verify_end_to_end(tmp_path):
     assert not list((tmp_path / "w").glob(".*partial"))
     build_info = json.loads((tmp_path / "w" / "build_info.json").read_text())
     assert build_info["stages"]["sd"]["settings"]["unet"]["steps"] == 2
+    # The stage times say which processor they were measured on (build times differ between 2-core machines).
+    assert build_info["stages"]["classifier"]["cpu"]["torch_threads"] == torch.get_num_threads()
+    assert build_info["stages"]["classifier"]["cpu"]["model"]
     report = world.verify(tier="smoke", root=tmp_path / "w")
     for key in ("classifier_style_acc", "classifier_object_acc", "clip_top1", "sd_style_acc", "sd_object_acc",
                 "sd_paraphrase_style_acc", "sd_paraphrase_object_acc", "sd_fid", "sd_random_fid"):

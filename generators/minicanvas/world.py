@@ -7,7 +7,7 @@ Layout of a world folder (``paths.world_dir()``)::
     sd/                a diffusers StableDiffusionPipeline folder (MiniSD)
     soup_base/         Diffusion Soup's base: a MiniSD UNet trained without the soup shards' styles (soup.py)
     gan/               generator.safetensors (MiniGAN g_ema, StyleGAN2) + discriminator.safetensors (its D)
-    build_info.json    settings, device, versions and wall time of every stage
+    build_info.json    settings, device, processor, versions and wall time of every stage
 
 Each stage's folder is written under a temporary name and renamed into place when complete; training
 state lives in a separate work folder (``.world-build/`` by default) so an interrupted build resumes.
@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from erasure.envinfo import cpu_info
 
 from .models import TEXT_MAX_LENGTH, MiniClassifier, projected
 from .paths import world_dir
@@ -324,7 +326,8 @@ def build(
         # that worked on it (a build resumed across sessions reports its whole cost there).
         info["stages"][stage] = {"seconds": round(time.time() - t0, 1), "device": device,
                                  "train_seconds": {k: round(v, 1) for k, v in LOOP_SECONDS.items()},
-                                 "settings": settings.model_dump(), "versions": _versions()}
+                                 "settings": settings.model_dump(), "versions": _versions(),
+                                 "cpu": cpu_info()}
         tmp_info = info_path.with_suffix(".json.tmp")
         tmp_info.write_text(json.dumps(info, indent=2))
         os.replace(tmp_info, info_path)

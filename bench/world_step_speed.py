@@ -33,7 +33,9 @@ def main() -> None:
     from generators.minicanvas.world import load_clip, load_minisd
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument(
+        "--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)"
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch intra-op thread counts")
     args = parser.parse_args()
 

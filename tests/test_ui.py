@@ -587,7 +587,7 @@ def test_image_folders_are_pruned_by_age_and_removed_on_close() -> None:
         assert not old.exists() and recent.is_dir() and newest.is_dir()
     finally:
         images.close()
-    assert not images.root.exists()
+    assert images.root is not None and not images.root.exists()
 
 
 # ---------------------------------------------------------------------------------------- the command line

@@ -27,21 +27,21 @@ DEFAULT_MAX_AGE_S = 3600.0
 class ImageFiles:
     def __init__(self, max_age_s: float = DEFAULT_MAX_AGE_S) -> None:
         self.max_age_s = max_age_s
-        self.root = Path(tempfile.mkdtemp(prefix="erasure-studio-images-"))
+        self.root: Path | None = None
+        """The folder of all request folders: made at the first request (a studio that compares nothing makes none)."""
         self._lock = threading.Lock()
 
     def new_folder(self) -> Path:
         """A fresh folder for one request's images (old folders are removed first)."""
         with self._lock:
-            self._prune()
-            self.root.mkdir(parents=True, exist_ok=True)
+            if self.root is None or not self.root.is_dir():
+                self.root = Path(tempfile.mkdtemp(prefix="erasure-studio-images-"))
+            self._prune(self.root)
             return Path(tempfile.mkdtemp(dir=self.root))
 
-    def _prune(self) -> None:
-        if not self.root.is_dir():
-            return
+    def _prune(self, root: Path) -> None:
         oldest = time.time() - self.max_age_s
-        for folder in self.root.iterdir():
+        for folder in root.iterdir():
             try:
                 if folder.stat().st_mtime < oldest:
                     shutil.rmtree(folder, ignore_errors=True)
@@ -49,7 +49,9 @@ class ImageFiles:
                 pass
 
     def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        with self._lock:
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
 
 
 def save_png(image: torch.Tensor, path: Path) -> str:

@@ -10,6 +10,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import signal
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -51,11 +52,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 INTERRUPTED_EXIT_CODE = 130
 """Exit code after Ctrl-C (SIGINT): 128 + 2, as shells report a process stopped by SIGINT."""
 
+TERMINATED_EXIT_CODE = 143
+"""Exit code after SIGTERM (``kill``, a batch scheduler, a container stop): 128 + 15."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that it takes the same clean way out: partial run folders
+    removed, checkpoints kept. (A job started in the background by a non-interactive shell ignores SIGINT, so
+    SIGTERM is how it is stopped.)"""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
 
 def _guarded(fn: F) -> F:
     """Print a UserError as one line and exit with its code (2 for config errors); tracebacks only with --debug.
 
-    Ctrl-C (SIGINT) stops with one line and exit code 130: what was being written is not left half-written (run
+    Ctrl-C (SIGINT) stops with one line and exit code 130, SIGTERM with one line and 143: what was being written is not left half-written (run
     folders are only renamed into place when complete), and checkpoints are kept, so running the same command
     again resumes. A write error of the machine (disk full, permission denied) is one line too, not an internal
     error.
@@ -70,15 +84,16 @@ def _guarded(fn: F) -> F:
                 raise
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if _debug:
                 raise
+            terminated = isinstance(err, Terminated)
             typer.echo(
-                "interrupted (Ctrl-C): stopped without leaving a half-written result; checkpoints are kept, so "
-                "running the same command again resumes",
+                f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}: stopped without leaving a "
+                "half-written result; checkpoints are kept, so running the same command again resumes",
                 err=True,
             )
-            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+            raise typer.Exit(TERMINATED_EXIT_CODE if terminated else INTERRUPTED_EXIT_CODE) from None
         except (typer.Exit, typer.Abort, TyperException):
             raise
         except OSError as err:
@@ -506,6 +521,7 @@ def main() -> None:
     if problem is not None:
         print(f"erasure-studio: {problem}", file=sys.stderr)
         raise SystemExit(2)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     app(prog_name="erasure-studio")
 
 

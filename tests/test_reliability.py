@@ -7,7 +7,8 @@ unsafe is ever unpickled, and the playground holds every request to its bounds.
 * Property-based fuzzing of the config loader (hypothesis): any mapping, YAML text or ``--set`` override either
   loads or raises ConfigError with one line.
 * A short MiniCanvas ESD job (the ``minicanvas-sd`` backbone on a tiny random pipeline) killed with SIGKILL after its
-  first checkpoint, resumed, interrupted with SIGINT, resumed again: weights bit-identical to an uninterrupted run.
+  first checkpoint, resumed, interrupted with SIGINT, resumed, stopped with SIGTERM, resumed again: weights
+  bit-identical to an uninterrupted run.
   Disk-full errors while checkpointing or writing the result keep the previous complete state.
 * Pickles whose unpickling would create a file, offered as every kind of weights input: refused, no file appears.
 * The same config and seed give the same metrics and weights twice.
@@ -41,7 +42,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from erasure.base import ErasureMethod, ErasureResult, MethodParams, RunContext
-from erasure.cli import INTERRUPTED_EXIT_CODE, app
+from erasure.cli import INTERRUPTED_EXIT_CODE, TERMINATED_EXIT_CODE, app
 from erasure.config import load_job_config, validate_job
 from erasure.errors import ConfigError, UserError
 from erasure.registry import list_methods, register_method, unregister_method
@@ -52,7 +53,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 runner = CliRunner()
 
-TINY_ESD = {"iterations": 6, "batch_size": 1, "ddim_steps": 3, "trajectories": 2}
+TINY_ESD = {"iterations": 8, "batch_size": 1, "ddim_steps": 3, "trajectories": 2}
 JOB: dict[str, Any] = {
     "name": "job",
     "seed": 0,
@@ -632,11 +633,25 @@ def test_killed_and_interrupted_job_resumes_bit_identical(tmp_path: Path, world:
     second = checkpoint_step(checkpoint)
     assert second is not None and second > first
 
-    # 3. The same command again finishes the job: the weights are bit-identical to the uninterrupted run's.
+    # 3. Resumed again, then SIGTERM (kill, a scheduler, a container stop) once it has checkpointed: the same clean
+    #    way out as Ctrl-C, with its own line and exit code 143.
+    process = start_job(config, interrupted, world)
+    partial = interrupted / "runs" / f".job.partial-{process.pid}"
+    wait_for(lambda: (checkpoint_step(checkpoint) or 0) > second, process, "a checkpoint after the second resume")
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process)
+    assert code == TERMINATED_EXIT_CODE, err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("terminated (SIGTERM)")]) == 1, err
+    assert not partial.exists() and not (interrupted / "runs" / "job").exists()
+    third = checkpoint_step(checkpoint)
+    assert third is not None and third > second
+
+    # 4. The same command again finishes the job: the weights are bit-identical to the uninterrupted run's.
     code, _, err = finish(start_job(config, interrupted, world))
     assert code == 0, err
     run = interrupted / "runs" / "job"
-    assert f"resumed from checkpoint at step {second}" in (run / "log.txt").read_text()
+    assert f"resumed from checkpoint at step {third}" in (run / "log.txt").read_text()
     assert weights_bytes(run) == reference
     assert not checkpoint.parent.exists()  # checkpoints are removed once the run is finished
     assert finished_runs(interrupted) == [run]
@@ -731,22 +746,24 @@ def test_write_errors_keep_the_previous_complete_state(
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == [checkpoint.name]  # no half-written temp file
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".job.checkpoints"]
 
-    # The disk fills up while the result's weights are written: no run, and the last checkpoint (step 4) stays.
+    # The disk fills up while the result's weights are written: no run, and the last checkpoint (two steps before
+    # the end) stays.
     seen = []
     with monkeypatch.context() as patch:
         patch.setattr(erasure.io, "save_file", disk_full_after(1, erasure.io.save_file, seen))
         result = runner.invoke(app, ["erase", str(config)])
     assert result.exit_code == 1 and "No space left on device" in result.output, result.output
     assert len(seen) == 1 and "Traceback" not in result.output
-    assert checkpoint_step(checkpoint) == 4
+    last = TINY_ESD["iterations"] - 2
+    assert checkpoint_step(checkpoint) == last
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".job.checkpoints"]
     assert finished_runs(tmp_path) == []
 
-    # With space again, the same command finishes from step 4, bit-identical to the uninterrupted run.
+    # With space again, the same command finishes from that step, bit-identical to the uninterrupted run.
     result = runner.invoke(app, ["erase", str(config)])
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "job"
-    assert "resumed from checkpoint at step 4" in (run / "log.txt").read_text()
+    assert f"resumed from checkpoint at step {last}" in (run / "log.txt").read_text()
     assert weights_bytes(run) == weights_bytes(reference_run)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["job"]
 

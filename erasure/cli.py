@@ -69,9 +69,9 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def _guarded(fn: F) -> F:
     """Print a UserError as one line and exit with its code (2 for config errors); tracebacks only with --debug.
 
-    Ctrl-C (SIGINT) stops with one line and exit code 130, SIGTERM with one line and 143: what was being written is not left half-written (run
-    folders are only renamed into place when complete), and checkpoints are kept, so running the same command
-    again resumes. A write error of the machine (disk full, permission denied) is one line too, not an internal
+    Ctrl-C (SIGINT) stops with one line and exit code 130, SIGTERM with one line and 143: what was being written is
+    not left half-written (run folders are only renamed into place when complete), and checkpoints are kept, so
+    running the same command again resumes. A write error of the machine (disk full, permission denied) is one line too, not an internal
     error.
     """
 

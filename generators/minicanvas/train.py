@@ -56,10 +56,13 @@ class WorldSettings(BaseModel):
     clip_token_keep_weight: float = Field(default=0.1, ge=0)
     clip_vision: StageSettings = StageSettings(steps=4000, batch=128, lr=5e-4, seed=5)
     vae: StageSettings = StageSettings(steps=1000, batch=32, lr=1e-3, seed=3)
-    unet: StageSettings = StageSettings(steps=5000, batch=48, lr=3e-4, warmup=300, seed=4)
+    # The UNet's 4,000 + 3,200 steps keep the build within 120 minutes on a 2-core CPU (6,952 s of training loops
+    # measured on a Zen 4 EPYC); 5,000 + 4,000 came to about 134 minutes there and 6,000 steps missed MiniSD's
+    # object bar (docs/world.md, "Build time").
+    unet: StageSettings = StageSettings(steps=4000, batch=48, lr=3e-4, warmup=300, seed=4)
     # Phase 2 of the UNet: a warm restart (fresh optimiser, new cosine cycle) with Min-SNR-5 loss weighting,
     # which spends the budget on the noise levels where object shape is decided (phase 1 leaves shapes soft).
-    unet_refine: StageSettings = StageSettings(steps=4000, batch=48, lr=1.5e-4, warmup=100, seed=7)
+    unet_refine: StageSettings = StageSettings(steps=3200, batch=48, lr=1.5e-4, warmup=100, seed=7)
     unet_refine_min_snr_gamma: float = Field(default=5.0, gt=0)
     unet_cfg_dropout: float = Field(default=0.1, ge=0, lt=1)
     # Stage sd_text (generators/minicanvas/text_robustness.py): MiniSD's text encoder learns to read past words it

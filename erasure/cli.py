@@ -71,8 +71,8 @@ def _guarded(fn: F) -> F:
 
     Ctrl-C (SIGINT) stops with one line and exit code 130, SIGTERM with one line and 143: what was being written is
     not left half-written (run folders are only renamed into place when complete), and checkpoints are kept, so
-    running the same command again resumes. A write error of the machine (disk full, permission denied) is one line too, not an internal
-    error.
+    running the same command again resumes. A write error of the machine (disk full, permission denied) is one line
+    too, not an internal error.
     """
 
     @functools.wraps(fn)

@@ -52,30 +52,43 @@ def main() -> None:
 
     s_idx, o_idx = grid_labels(args.seeds_per_pair)
     prompts = [concepts.template_prompt(STYLES[s], OBJECTS[o]) for s, o in zip(s_idx, o_idx)]
-    images = sample_sd(pipe, prompts, list(range(len(prompts))), num_inference_steps=SD_STEPS,
-                       guidance_scale=SD_GUIDANCE)
+    images = sample_sd(
+        pipe, prompts, list(range(len(prompts))), num_inference_steps=SD_STEPS, guidance_scale=SD_GUIDANCE
+    )
     style_probs, object_probs = classify(classifier, images)
 
     s_p, o_p = grid_labels(max(1, args.seeds_per_pair // 2))
-    paraphrases = [concepts.HELDOUT_PARAPHRASES[k % 2].format(style=STYLES[s], object=OBJECTS[o])
-                   for k, (s, o) in enumerate(zip(s_p, o_p))]
-    images_p = sample_sd(pipe, paraphrases, [10_000 + k for k in range(len(paraphrases))],
-                         num_inference_steps=SD_STEPS, guidance_scale=SD_GUIDANCE)
+    paraphrases = [
+        concepts.HELDOUT_PARAPHRASES[k % 2].format(style=STYLES[s], object=OBJECTS[o])
+        for k, (s, o) in enumerate(zip(s_p, o_p))
+    ]
+    images_p = sample_sd(
+        pipe,
+        paraphrases,
+        [10_000 + k for k in range(len(paraphrases))],
+        num_inference_steps=SD_STEPS,
+        guidance_scale=SD_GUIDANCE,
+    )
     style_probs_p, object_probs_p = classify(classifier, images_p)
 
     predicted_objects = object_probs.argmax(1)
-    print(json.dumps({
-        "world": str(args.world or "shipped"),
-        "samples": len(images),
-        "style_acc": float((style_probs.argmax(1) == s_idx).float().mean()),
-        "object_acc": float((predicted_objects == o_idx).float().mean()),
-        "object_acc_by_object": _accuracy_by_label(predicted_objects, o_idx, OBJECTS),
-        "object_confusions": _top_confusions(predicted_objects, o_idx, OBJECTS),
-        "paraphrase_samples": len(images_p),
-        "paraphrase_style_acc": float((style_probs_p.argmax(1) == s_p).float().mean()),
-        "paraphrase_object_acc": float((object_probs_p.argmax(1) == o_p).float().mean()),
-        "seconds": round(time.time() - started, 1),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "world": str(args.world or "shipped"),
+                "samples": len(images),
+                "style_acc": float((style_probs.argmax(1) == s_idx).float().mean()),
+                "object_acc": float((predicted_objects == o_idx).float().mean()),
+                "object_acc_by_object": _accuracy_by_label(predicted_objects, o_idx, OBJECTS),
+                "object_confusions": _top_confusions(predicted_objects, o_idx, OBJECTS),
+                "paraphrase_samples": len(images_p),
+                "paraphrase_style_acc": float((style_probs_p.argmax(1) == s_p).float().mean()),
+                "paraphrase_object_acc": float((object_probs_p.argmax(1) == o_p).float().mean()),
+                "seconds": round(time.time() - started, 1),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

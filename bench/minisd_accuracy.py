@@ -38,11 +38,11 @@ def main() -> None:
     from generators.minicanvas.world import (
         SD_GUIDANCE,
         SD_STEPS,
-        _accuracy_by_label,
-        _top_confusions,
+        accuracy_by_label,
         classify,
         load_classifier,
         load_minisd,
+        top_confusions,
     )
     from generators.sd import sample_sd
 
@@ -79,8 +79,8 @@ def main() -> None:
                 "samples": len(images),
                 "style_acc": float((style_probs.argmax(1) == s_idx).float().mean()),
                 "object_acc": float((predicted_objects == o_idx).float().mean()),
-                "object_acc_by_object": _accuracy_by_label(predicted_objects, o_idx, OBJECTS),
-                "object_confusions": _top_confusions(predicted_objects, o_idx, OBJECTS),
+                "object_acc_by_object": accuracy_by_label(predicted_objects, o_idx, OBJECTS),
+                "object_confusions": top_confusions(predicted_objects, o_idx, OBJECTS),
                 "paraphrase_samples": len(images_p),
                 "paraphrase_style_acc": float((style_probs_p.argmax(1) == s_p).float().mean()),
                 "paraphrase_object_acc": float((object_probs_p.argmax(1) == o_p).float().mean()),

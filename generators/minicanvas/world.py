@@ -405,8 +405,8 @@ def verify(tier: str = "full", device: str = "cpu", root: Path | None = None) ->
         fs, fo = classify(classifier, fake)
         report["sd_style_acc"] = float((fs.argmax(1) == s_idx).float().mean())
         report["sd_object_acc"] = float((fo.argmax(1) == o_idx).float().mean())
-        report["sd_object_acc_by_object"] = _accuracy_by_label(fo.argmax(1), o_idx, OBJECTS)
-        report["sd_object_confusions"] = _top_confusions(fo.argmax(1), o_idx, OBJECTS)
+        report["sd_object_acc_by_object"] = accuracy_by_label(fo.argmax(1), o_idx, OBJECTS)
+        report["sd_object_confusions"] = top_confusions(fo.argmax(1), o_idx, OBJECTS)
 
         s_p, o_p = grid_labels(1)
         para = [concepts.HELDOUT_PARAPHRASES[k % 2].format(style=STYLES[s], object=OBJECTS[o])
@@ -416,7 +416,7 @@ def verify(tier: str = "full", device: str = "cpu", root: Path | None = None) ->
         ps_p, po_p = classify(classifier, fake_p)
         report["sd_paraphrase_style_acc"] = float((ps_p.argmax(1) == s_p).float().mean())
         report["sd_paraphrase_object_acc"] = float((po_p.argmax(1) == o_p).float().mean())
-        report["sd_paraphrase_object_acc_by_object"] = _accuracy_by_label(po_p.argmax(1), o_p, OBJECTS)
+        report["sd_paraphrase_object_acc_by_object"] = accuracy_by_label(po_p.argmax(1), o_p, OBJECTS)
         report["sd_fid"] = classifier_fid(classifier, real, fake)
 
         # The same pipeline with a freshly initialised UNet: the floor any trained generator must beat.
@@ -437,13 +437,13 @@ def verify(tier: str = "full", device: str = "cpu", root: Path | None = None) ->
     return report
 
 
-def _accuracy_by_label(predicted: torch.Tensor, truth: torch.Tensor, names: list[str]) -> dict[str, float]:
+def accuracy_by_label(predicted: torch.Tensor, truth: torch.Tensor, names: list[str]) -> dict[str, float]:
     """Accuracy per true label (diagnostics next to the headline accuracy; not judged)."""
     return {name: round(float((predicted[truth == k] == k).float().mean()), 4)
             for k, name in enumerate(names) if bool((truth == k).any())}
 
 
-def _top_confusions(predicted: torch.Tensor, truth: torch.Tensor, names: list[str], top: int = 5) -> list[dict]:
+def top_confusions(predicted: torch.Tensor, truth: torch.Tensor, names: list[str], top: int = 5) -> list[dict]:
     """The most frequent (true -> predicted) mistakes, with their share of that true label's samples."""
     wrong = predicted != truth
     ranked = Counter(zip(truth[wrong].tolist(), predicted[wrong].tolist())).most_common(top)
